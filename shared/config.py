@@ -300,6 +300,12 @@ class QueueConfig:
     """Larger messages are rejected."""
     secret_file: str | None = None
     """File holding a shared secret; when set every frame carries an HMAC and unauthenticated peers are rejected."""
+    request_timeout_s: float = 5.0
+    """A client waits this long for a reply before it reconnects and resends (a queue restart is survived so)."""
+    retry_after_s: float = 0.1
+    """Delay the queue suggests to an actor it grants no lease (or whose group it cannot hold yet)."""
+    publish_interval_s: float = 0.5
+    """The policy version and control state are re-broadcast this often (late subscribers catch up)."""
 
     def __post_init__(self) -> None:
         for key, port in (("queue.port", self.port), ("queue.pub_port", self.pub_port)):
@@ -309,6 +315,9 @@ class QueueConfig:
         _positive(self.max_queued_groups, "queue.max_queued_groups")
         _positive(self.max_queued_bytes, "queue.max_queued_bytes")
         _positive(self.max_message_bytes, "queue.max_message_bytes")
+        _positive(self.request_timeout_s, "queue.request_timeout_s")
+        _non_negative(self.retry_after_s, "queue.retry_after_s")
+        _positive(self.publish_interval_s, "queue.publish_interval_s")
 
 
 @dataclass

@@ -1,0 +1,239 @@
+"""Clients of the replay queue: `ActorClient` (leases, groups, heartbeats) and `LearnerClient` (batches, version).
+
+Owns the request side of the protocol in `shared/queue_service.py`. Imports no zmq (the
+`Requester`/`Subscriber` of `shared/transport.py` own the sockets). A client is used from
+one thread; the optional heartbeat thread has its own socket.
+
+Failure modes.
+- Queue gone or restarting: every request is resent on a fresh socket every
+  `queue.request_timeout_s` until its own deadline, then raises TimeoutError. Requests are
+  executed at most once by the queue, so a resend is safe (no double lease, no double group).
+- A `get_batch` that raised TimeoutError is continued, not replaced, by the next call: the
+  batch may already have been handed out and its reply is only cached by the queue, so a new
+  request id would lose it. Batch requests use a client name of their own, so `stats()` and
+  `publish_version()` in between do not supersede them.
+- A rejected message (`error` reply) raises WireError with the queue's reason; it is not
+  resent.
+- Broadcasts (version, pause, stop) can be lost; the queue repeats them and every lease
+  reply carries the version too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import VapoConfig
+from shared.transport import Requester, Subscriber, endpoint, load_secret
+from shared.types import LeaseReply, QueueStats, RolloutGroup
+from shared.wire import Buffer, Message, WireError, decode, encode, encode_group
+
+_NO_LIMIT = 1 << 62
+
+
+@dataclass
+class Batch:
+    """Groups handed out to the learner, oldest version first, with the queue's counters at that moment."""
+
+    groups: list[RolloutGroup]
+    stats: QueueStats
+    """Counters after this hand-out; `stats.cursor` is the prompt cursor to checkpoint with this batch."""
+    short: bool
+    """Fewer groups than asked (dynamic-sampling rounds used up, or no further progress possible)."""
+    stopping: bool
+    """The queue is shutting down."""
+
+
+@dataclass
+class Broadcast:
+    """The latest state the queue published."""
+
+    version: int
+    command: str
+    """run, pause or stop."""
+
+
+@dataclass
+class ClientSettings:
+    """Where the queue is and how patient to be with it."""
+
+    address: str
+    pub_address: str
+    secret: bytes | None = None
+    request_timeout_s: float = 5.0
+    max_message_bytes: int = 512 * 2**20
+
+    @classmethod
+    def from_config(cls, cfg: VapoConfig) -> ClientSettings:
+        """Settings from `cfg.queue` (connecting to its host and ports)."""
+        q = cfg.queue
+        return cls(endpoint(q.host, q.port), endpoint(q.host, q.pub_port), load_secret(q.secret_file),
+                   q.request_timeout_s, q.max_message_bytes)
+
+
+class _Client:
+    def __init__(self, settings: ClientSettings, name: str | None = None) -> None:
+        self.settings = settings
+        self._rq = Requester(settings.address, secret=settings.secret, name=name)
+
+    def _call(self, kind: str, body: dict[str, Any], groups: Sequence[Any] = (), *, timeout_s: float | None = None,
+              rq: Requester | None = None, req_id: int | None = None) -> Message:
+        s = self.settings
+        reply = (rq or self._rq).request(encode(kind, body, groups), timeout_s=timeout_s or 3 * s.request_timeout_s,
+                                         attempt_s=s.request_timeout_s, req_id=req_id)
+        return self._decode(reply)
+
+    def _decode(self, frames: Sequence[Buffer]) -> Message:
+        msg = decode(frames, max_bytes=_NO_LIMIT, max_group_bytes=self.settings.max_message_bytes)
+        if msg.kind == "error":
+            raise WireError(msg.body["reason"], "refused by the queue")
+        return msg
+
+    def close(self) -> None:
+        """Close the sockets."""
+        self._rq.close()
+
+
+class ActorClient(_Client):
+    """An actor's connection: lease prompts, submit groups, heartbeat, follow the broadcasts."""
+
+    def __init__(self, settings: ClientSettings, actor_id: int, *, incarnation: int | None = None) -> None:
+        super().__init__(settings)
+        self.actor_id = actor_id
+        self.incarnation = incarnation if incarnation is not None else int.from_bytes(os.urandom(6))
+        self._sub = Subscriber(settings.pub_address, secret=settings.secret)
+        self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
+
+    def _ids(self) -> dict[str, int]:
+        return {"actor_id": self.actor_id, "incarnation": self.incarnation}
+
+    def lease(self, num_prompts: int, policy_version: int) -> LeaseReply:
+        """Ask for up to `num_prompts` prompts for weights at `policy_version`."""
+        b = self._call("lease", {**self._ids(), "policy_version": policy_version, "num_prompts": num_prompts}).body
+        return LeaseReply(leases=b["leases"], retry_after_s=b["retry_after_s"], reason=b["reason"],
+                          version=b["version"])
+
+    def submit(self, groups: Sequence[RolloutGroup], *, timeout_s: float | None = None) -> list[str]:
+        """Send groups; statuses accepted/filtered/stale/late/duplicate/stopping/rejected:<reason>, one per group.
+
+        A `busy` queue (memory bound reached) is waited out: the groups are resent after its
+        retry hint until accepted or `timeout_s` (None: wait as long as it takes) passes.
+        """
+        statuses: list[str] = [""] * len(groups)
+        todo = list(range(len(groups)))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while todo:
+            b = self._call("submit", self._ids(), [encode_group(groups[i]) for i in todo]).body
+            for i, status in zip(todo, b["statuses"], strict=True):
+                statuses[i] = status
+            todo = [i for i in todo if statuses[i] == "busy"]
+            if todo:
+                if deadline is not None and time.monotonic() + b["retry_after_s"] > deadline:
+                    raise TimeoutError(f"the queue stayed full for {timeout_s}s")
+                time.sleep(b["retry_after_s"])
+        return statuses
+
+    def heartbeat(self) -> None:
+        """Tell the queue this actor is alive (renews its leases)."""
+        self._call("heartbeat", self._ids())
+
+    def start_heartbeat(self, interval_s: float) -> None:
+        """Heartbeat every `interval_s` from a background thread with its own socket (for long generations)."""
+        assert self._heartbeat is None, "heartbeat already running"
+        stop = threading.Event()
+        rq = Requester(self.settings.address, secret=self.settings.secret)
+
+        def loop() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    self._call("heartbeat", self._ids(), rq=rq, timeout_s=interval_s)
+                except TimeoutError:  # the queue is away; keep trying, leases are renewed once it answers
+                    continue
+            rq.close()
+
+        thread = threading.Thread(target=loop, name=f"heartbeat-{self.actor_id}", daemon=True)
+        thread.start()
+        self._heartbeat = (thread, stop)
+
+    def poll_broadcast(self, timeout_s: float = 0.0) -> Broadcast | None:
+        """The latest valid broadcast received since the last call, or None."""
+        latest = None
+        for frames in self._sub.poll(timeout_s):
+            try:
+                msg = decode(frames, max_bytes=1 << 16, kinds=("state",))
+            except WireError:
+                continue  # a garbled broadcast is skipped; the next repeat replaces it
+            latest = Broadcast(msg.body["version"], msg.body["command"])
+        return latest
+
+    def close(self) -> None:
+        """Stop the heartbeat thread and close the sockets."""
+        if self._heartbeat is not None:
+            thread, stop = self._heartbeat
+            stop.set()
+            thread.join()
+            self._heartbeat = None
+        self._sub.close()
+        super().close()
+
+
+class LearnerClient(_Client):
+    """The learner's connection: batches, version, counters, control."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        super().__init__(settings)
+        self._batch_rq = Requester(settings.address, secret=settings.secret)
+        self._pending: tuple[int, int, float] | None = None  # (req_id, num_groups, wait_s) of an unanswered get_batch
+
+    def get_batch(self, num_groups: int, timeout_s: float) -> Batch:
+        """The `num_groups` oldest groups (fewer only when the queue can make no progress).
+
+        Raises TimeoutError when none came within `timeout_s` (the next call continues this request).
+        """
+        if self._pending is None:
+            self._pending = (self._batch_rq.new_id(), num_groups, timeout_s)
+        req_id, pending_groups, wait_s = self._pending
+        msg = self._call("get_batch", {"num_groups": pending_groups, "wait_s": wait_s}, rq=self._batch_rq,
+                         req_id=req_id, timeout_s=timeout_s + self.settings.request_timeout_s)
+        self._pending = None
+        b = msg.body
+        if b["timed_out"]:
+            raise TimeoutError(f"no full batch of {num_groups} groups within {timeout_s:.1f}s")
+        return Batch(groups=msg.groups, stats=b["stats"], short=b["short"], stopping=b["stopping"])
+
+    def publish_version(self, version: int) -> None:
+        """Tell the queue (and through it the actors) the learner's policy version."""
+        self._call("set_version", {"version": version})
+
+    def stats(self) -> QueueStats:
+        """The queue's counters now."""
+        return self._call("get_stats", {}).body["stats"]
+
+    def cursor(self) -> dict[str, Any]:
+        """The prompt cursor now (prefer `Batch.stats.cursor`, which matches the batch trained on)."""
+        return self._call("get_cursor", {}).body["cursor"]
+
+    def control(self, command: str) -> None:
+        """pause, resume, stop (no more leases; actors are told to stop) or shutdown (the queue exits)."""
+        self._call("control", {"command": command})
+
+    def pause(self) -> None:
+        """Stop granting leases and tell the actors to pause, until `resume`."""
+        self.control("pause")
+
+    def resume(self) -> None:
+        """Undo `pause`."""
+        self.control("resume")
+
+    def stop(self) -> None:
+        """No more leases or groups; the actors are told to stop. The queue keeps answering the learner."""
+        self.control("stop")
+
+    def close(self) -> None:
+        """Close the sockets."""
+        self._batch_rq.close()
+        super().close()
