@@ -120,7 +120,7 @@ class QueueState:
         self.version = self._v0 = initial_version
         self.paused = self.stopping = self.exhausted = False
         self.stats = QueueStats(version=initial_version)
-        self._next_lease = (int.from_bytes(os.urandom(3)) << 40) if lease_id_base is None else lease_id_base
+        self._next_lease = (int.from_bytes(os.urandom(2)) << 40) if lease_id_base is None else lease_id_base
         self._leases: dict[int, _Lease] = {}
         self._actors: dict[int, _Actor] = {}
         self._closed: OrderedDict[int, str] = OrderedDict()

@@ -1,0 +1,42 @@
+"""Several actor processes feed the real queue service; the learner gets full batches; the books balance."""
+
+from __future__ import annotations
+
+import time
+
+from test_queue_support import ActorPlan, ListSource, actors, drain, make_cfg, queue_thread
+
+from shared.queue_client import ClientSettings, LearnerClient
+
+
+def test_actor_processes_feed_full_batches_with_the_identity_holding_throughout() -> None:
+    cfg = make_cfg(max_staleness=1, prompts_per_step=6, group_size=4)
+    settings = ClientSettings.from_config(cfg)
+    plans = [ActorPlan(actor_id=i, prompts_per_lease=2, group_size=4, max_tokens=64, gen_delay_s=0.02)
+             for i in range(3)]
+    trained: list[int] = []
+    with queue_thread(cfg, ListSource(10_000)) as final, actors(settings, plans) as (events, _):
+        learner = LearnerClient(settings)
+        while learner.stats().num_actors < 3:  # all three processes are up and leasing
+            time.sleep(0.05)
+        for version in range(8):
+            batch = learner.get_batch(6, timeout_s=10)
+            assert len(batch.groups) == 6 and not batch.short
+            versions = [g.policy_version for g in batch.groups]
+            assert versions == sorted(versions)  # oldest first
+            assert all(0 <= version - v <= 1 for v in versions)
+            assert all(g.num_responses == 4 and g.token_ids.size == g.behavior_logprobs.size for g in batch.groups)
+            assert batch.stats.identity_holds() and batch.stats.consumed == 6 * (version + 1)
+            trained += [g.prompt_id for g in batch.groups]
+            stats = learner.stats()
+            assert stats.identity_holds()
+            assert stats.in_flight + stats.queued <= (1 + 1) * 6
+            learner.publish_version(version + 1)
+        learner.stop()
+        time.sleep(0.2)
+        stats = learner.stats()
+        learner.close()
+    assert len(trained) == len(set(trained)) == 48
+    assert {a for kind, a, *_ in drain(events) if kind == "submit"} == {0, 1, 2}  # every actor contributed
+    assert stats.identity_holds() and stats.rejected == {} and stats.dropped_stale == 0
+    assert final["stats"].identity_holds()
