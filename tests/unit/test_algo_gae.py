@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import learner.algo.gae as gae_module
 from learner.algo.gae import gae, length_adaptive_lambda
 
 F64 = torch.float64
@@ -16,7 +17,7 @@ def assert_near(actual, expected, atol):
     """Same shape and max |actual - expected| <= atol (torch.testing.assert_close costs ~1 s on first import)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if actual.numel():
-        err = float((actual.double() - expected.double()).abs().max())
+        err = float((actual.detach().double() - expected.detach().double()).abs().max())
         assert err <= atol, f"max abs error {err} > {atol}"
 
 
@@ -261,5 +262,20 @@ def test_decoupled_gae_with_length_adaptive_lambda_matches_reference():
     _, ret = gae(rewards, values, mask, 1.0, 1.0)
     ref_adv, _ = reference_gae(rewards, values, mask, 1.0, lam)
     _, ref_ret = reference_gae(rewards, values, mask, 1.0, 1.0)
+    assert_near(adv, ref_adv, 1e-10)
+    assert_near(ret, ref_ret, 1e-10)
+
+
+@pytest.mark.parametrize("lam", [0.999, "per_sequence"])
+@pytest.mark.parametrize("one_block_per_pass", [False, True])
+def test_carries_across_several_blocks(lam, one_block_per_pass, monkeypatch):
+    # Blocks are 64 * 64 = 4096 tokens; long responses cross two block boundaries, inside one pass
+    # (level 3) or, with a tiny element budget, across passes (the carry), as at large B.
+    if one_block_per_pass:
+        monkeypatch.setattr(gae_module, "_ELEMENT_BUDGET", 1)
+    rewards, values, mask, _ = random_batch(3, 2 * 4096 + 300, seed=17, min_len=4096)
+    lam_arg = torch.tensor([0.9999, 0.99, 1.0], dtype=F64) if lam == "per_sequence" else lam
+    adv, ret = gae(rewards, values, mask, 1.0, lam_arg)
+    ref_adv, ref_ret = reference_gae(rewards, values, mask, 1.0, lam_arg)
     assert_near(adv, ref_adv, 1e-10)
     assert_near(ret, ref_ret, 1e-10)
