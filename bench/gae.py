@@ -12,14 +12,18 @@ last line printed is `gae speedup vs loop: X` (reference time / gae time, best o
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
-import torch
+# Run as a script, Python puts bench/ first on sys.path, where a module such as bench/queue.py would
+# shadow the standard library; the repository root goes there instead, so `learner` imports too.
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from learner.algo.gae import gae, length_adaptive_lambda  # noqa: E402
 from learner.algo.rewards import token_level_rewards  # noqa: E402

@@ -109,6 +109,34 @@ def _scan_chunk(d: torch.Tensor, carry: torch.Tensor, tables: tuple[torch.Tensor
     return y.view(batch, -1)
 
 
+def _lambda_rows(lam: float | torch.Tensor, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam as a [1] (float) or [B] tensor of like's dtype and device, and a [B] flag of rows with lam outside [0, 1]."""
+    if isinstance(lam, torch.Tensor):
+        if lam.shape != (batch,):
+            raise ValueError(f"lam must be a float or a [B] = [{batch}] tensor, got shape {tuple(lam.shape)}")
+        lam_t = lam.to(like)
+        return lam_t, (lam_t < 0) | (lam_t > 1) | torch.isnan(lam_t)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    return torch.tensor([lam], dtype=like.dtype, device=like.device), torch.zeros(
+        batch, dtype=torch.bool, device=like.device
+    )
+
+
+def _load_columns(
+    response_mask: torch.Tensor, values: torch.Tensor, t0: int, t1: int, m_ext: torch.Tensor, v_ext: torch.Tensor
+) -> None:
+    """Write the 0/1 mask and masked values of columns [t0, t1] into m_ext, v_ext [B, >= t1 - t0 + 1]; past T, 0."""
+    e1 = min(t1 + 1, values.shape[1])
+    mask = response_mask[:, t0:e1]
+    # A float mask: multiplying is several times faster on CPU than where/masked_fill with bools.
+    m_ext[:, : e1 - t0].copy_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask != 0)
+    torch.mul(values[:, t0:e1], m_ext[:, : e1 - t0], out=v_ext[:, : e1 - t0])
+    if e1 == t1:  # the last column is past T: not valid, value 0 (terminal)
+        m_ext[:, t1 - t0].zero_()
+        v_ext[:, t1 - t0].zero_()
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -129,55 +157,33 @@ def gae(
         )
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
     batch, length = values.shape
-    device = values.device
-    scalar = not isinstance(lam, torch.Tensor)
-    if isinstance(lam, torch.Tensor):
-        if lam.shape != (batch,):
-            raise ValueError(f"lam must be a float or a [B] = [{batch}] tensor, got shape {tuple(lam.shape)}")
-        lam_t = lam.to(device=device, dtype=dtype)
-        bad_lam = (lam_t < 0) | (lam_t > 1) | torch.isnan(lam_t)
-    else:
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
-        lam_t = torch.tensor([lam], device=device, dtype=dtype)
-        bad_lam = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    advantages = torch.empty(batch, length, dtype=dtype, device=device)
-    returns = torch.empty(batch, length, dtype=dtype, device=device)
+    dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
+    advantages = torch.empty(batch, length, dtype=dtype, device=values.device)
+    returns = torch.empty_like(advantages)
+    lam_t, bad_lam = _lambda_rows(lam, batch, advantages)
     if batch == 0 or length == 0:
         return advantages, returns
     chunk = min(_MAX_CHUNK, math.isqrt(length - 1) + 1)  # smallest C with C * C >= T, at most 64
     tables = _decay_tables(gamma * lam_t, chunk)
     # Columns per pass: whole blocks of C * C tokens, as many as the element budget allows (at least one).
-    block = chunk * chunk * max(1, min(-(-length // (chunk * chunk)), _ELEMENT_BUDGET // (batch * chunk * chunk)))
-    # Buffers reused by every block; each is fully written before it is read.
-    d = torch.empty(batch, block, dtype=dtype, device=device)
-    v_ext = torch.empty(batch, block + 1, dtype=dtype, device=device)
-    m_ext = torch.empty(batch, block + 1, dtype=dtype, device=device)
-    carry = torch.zeros(batch, dtype=dtype, device=device)
-    run_ends = torch.zeros(batch, dtype=dtype, device=device)
-    for t0 in reversed(range(0, length, block)):
-        t1 = min(t0 + block, length)
+    width = chunk * chunk * max(1, min(-(-length // (chunk * chunk)), _ELEMENT_BUDGET // (batch * chunk * chunk)))
+    d = advantages.new_empty(batch, width)  # buffers reused by every pass, written before they are read
+    m_ext = advantages.new_empty(batch, width + 1)
+    v_ext = advantages.new_empty(batch, width + 1)
+    carry = advantages.new_zeros(batch)
+    run_ends = advantages.new_zeros(batch)
+    for t0 in reversed(range(0, length, width)):
+        t1 = min(t0 + width, length)
         w = t1 - t0
-        # Columns [t0, t1] (one past the block where it exists) give V_{t+1} and m_{t+1}; past T both are 0.
-        e1 = min(t1 + 1, length)
-        mask = response_mask[:, t0:e1]
-        # A 0/1 float mask: multiplying is several times faster on CPU than where/masked_fill with bools.
-        m_ext[:, : e1 - t0].copy_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask != 0)
-        torch.mul(values[:, t0:e1], m_ext[:, : e1 - t0], out=v_ext[:, : e1 - t0])
-        if e1 == t1:
-            m_ext[:, w].zero_()
-            v_ext[:, w].zero_()
-        run_ends += torch.sub(m_ext[:, :w], m_ext[:, 1 : w + 1]).clamp_(min=0).sum(dim=1)  # valid then not
+        _load_columns(response_mask, values, t0, t1, m_ext, v_ext)
         m = m_ext[:, :w]
-        if w < block:
-            d.zero_()  # only the rightmost block is partial: zeros after T and a zero carry are exact
-        dv = d[:, :w]
+        run_ends += torch.sub(m, m_ext[:, 1 : w + 1]).clamp_(min=0).sum(dim=1)  # valid, then not
+        if w < width:
+            d.zero_()  # only the rightmost pass is partial: zeros after T and a zero carry are exact
         # delta_t = (r_t - V_t) m_t + gamma V_{t+1} m_{t+1}; V_{t+1} m_{t+1} is 0 on right padding.
-        torch.sub(rewards[:, t0:t1], v_ext[:, :w], out=dv).mul_(m).add_(v_ext[:, 1 : w + 1], alpha=gamma)
-        x = _scan_chunk(d, carry, tables, scalar)
+        torch.sub(rewards[:, t0:t1], v_ext[:, :w], out=d[:, :w]).mul_(m).add_(v_ext[:, 1 : w + 1], alpha=gamma)
+        x = _scan_chunk(d, carry, tables, scalar=not isinstance(lam, torch.Tensor))
         carry = x[:, 0].clone()
         adv = torch.mul(x[:, :w], m, out=advantages[:, t0:t1])
         torch.add(adv, v_ext[:, :w], out=returns[:, t0:t1])
