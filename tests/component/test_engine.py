@@ -1,0 +1,90 @@
+"""actors.engine on the real vLLM CPU engine: group sampling, behavior log-probs and scoring vs transformers.
+
+The reference is a transformers forward pass of the weights the engine holds (float32), so the
+log-prob of every sampled token must agree to ~1e-4 at temperature 1, and at temperature T with
+logits / T (the engine reports the sampling distribution's log-probs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deploy.doctor import fixed_sequences, hf_logprobs
+
+TOL = 1e-4
+EOS = 1
+PROMPTS = [[3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [20]]
+
+
+def _response_logprobs(reference, prompt: list[int], token_ids: np.ndarray, temperature: float) -> np.ndarray:
+    full = hf_logprobs(reference, [prompt + token_ids.tolist()], temperature)[0]
+    return full[len(prompt) - 1 :]
+
+
+def test_group_sampling_gives_g_samples_with_one_behavior_logprob_per_token(random_engine) -> None:
+    groups = random_engine.engine.generate(PROMPTS, n=4, temperature=1.0, max_tokens=24, seed=1)
+    assert len(groups) == len(PROMPTS) and all(len(g) == 4 for g in groups)
+    worst = 0.0
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        assert len({tuple(s.token_ids.tolist()) for s in group}) > 1, "the samples of a group are all equal"
+        for s in group:
+            assert s.token_ids.dtype == np.int32 and s.logprobs.dtype == np.float32
+            assert 1 <= len(s.token_ids) == len(s.logprobs) <= 24
+            assert np.all(np.isfinite(s.logprobs)) and np.all(s.logprobs <= 0)
+            assert s.finish_reason in ("stop", "length")
+            assert (s.finish_reason == "length") == (len(s.token_ids) == 24 and s.token_ids[-1] != EOS)
+            expected = _response_logprobs(random_engine.reference, prompt, s.token_ids, 1.0)
+            worst = max(worst, float(np.max(np.abs(s.logprobs - expected))))
+    print(f"max_abs_logprob_diff(temperature=1): {worst:.3g}")
+    assert worst < TOL
+
+
+def test_behavior_logprobs_follow_the_sampling_temperature(random_engine) -> None:
+    temperature = 0.6
+    groups = random_engine.engine.generate(PROMPTS[:2], n=3, temperature=temperature, max_tokens=16, seed=2)
+    worst, gap = 0.0, 0.0
+    for prompt, group in zip(PROMPTS[:2], groups, strict=True):
+        for s in group:
+            expected = _response_logprobs(random_engine.reference, prompt, s.token_ids, temperature)
+            at_t1 = _response_logprobs(random_engine.reference, prompt, s.token_ids, 1.0)
+            worst = max(worst, float(np.max(np.abs(s.logprobs - expected))))
+            gap = max(gap, float(np.max(np.abs(s.logprobs - at_t1))))
+    print(f"max_abs_logprob_diff(temperature={temperature}): {worst:.3g}; gap to temperature 1: {gap:.3g}")
+    assert worst < TOL
+    assert gap > 100 * TOL  # the check above can tell the two distributions apart
+
+
+def test_seeded_generation_repeats_and_stop_strings_end_samples(random_engine) -> None:
+    engine = random_engine.engine
+    first = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=7)
+    again = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=7)
+    assert [[s.token_ids.tolist() for s in g] for g in first] == [[s.token_ids.tolist() for s in g] for g in again]
+    stopped = engine.generate(PROMPTS, n=4, temperature=1.0, max_tokens=64, stop=["a", "e"], seed=3)
+    samples = [s for g in stopped for s in g]
+    assert all("a" not in s.text and "e" not in s.text for s in samples)
+    assert any(s.finish_reason == "stop" and s.token_ids[-1] != EOS for s in samples)
+    assert all(len(s.token_ids) == len(s.logprobs) for s in samples)
+
+
+def test_many_prompts_in_one_call(random_engine) -> None:
+    prompts = [[3 + i % 40, 4 + i % 30] for i in range(48)]
+    groups = random_engine.engine.generate(prompts, n=2, temperature=1.0, max_tokens=8, seed=0)
+    assert len(groups) == 48 and all(len(g) == 2 and all(len(s.token_ids) >= 1 for s in g) for g in groups)
+
+
+def test_score_matches_transformers(random_engine) -> None:
+    sequences = fixed_sequences(random_engine.reference.config.vocab_size, seed=11)
+    got = random_engine.engine.score(sequences)
+    expected = hf_logprobs(random_engine.reference, sequences)
+    assert [g.shape for g in got] == [(len(s) - 1,) for s in sequences]
+    worst = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected, strict=True))
+    print(f"score max_abs_logprob_diff: {worst:.3g}")
+    assert worst < TOL
+
+
+def test_bad_arguments_are_rejected(random_engine) -> None:
+    with pytest.raises(ValueError, match="n and max_tokens"):
+        random_engine.engine.generate(PROMPTS, n=0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        random_engine.engine.score([[3]])
