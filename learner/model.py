@@ -1,0 +1,177 @@
+"""Policy and value models of the learner, their FSDP2 wrapping and their forward passes.
+
+Owns: loading a Hugging Face causal LM as the policy, building the value model (the same
+kind of backbone with a scalar head), sharding both with FSDP2 (`fully_shard` per decoder
+block, then the root) and the two forward passes the train step needs.
+
+Token layout (the whole learner uses it): a micro-batch is `[b, P + R]` with prompts
+LEFT-padded to width P and responses RIGHT-padded to width R. Every per-token tensor of the
+algorithm is response-aligned `[b, R]`: position j is response token j, predicted from the
+hidden state at P - 1 + j. Position ids count real tokens only, so left padding does not
+shift them. Right padding of responses is what `learner.algo.gae` requires.
+
+Decisions:
+- The value head reads the backbone's last hidden state at P - 1 + j, i.e. V(s_j) is the value
+  of the state *before* response token j is emitted, matching GAE's r_j + V(s_{j+1}) - V(s_j).
+- Tied input/output embeddings stay tied: the root FSDP unit holds both.
+- CPU runs keep float32 (gloo, no mixed precision); CUDA runs use FSDP2's MixedPrecisionPolicy
+  with bf16 compute and fp32 gradient reduction.
+- Only the response slice of the logits is materialised (`logits_to_keep`). The full
+  `[b, R, vocab]` slice is still held in float32; for vocabularies of 150k and long responses,
+  keep `learner.micro_batch_tokens` small enough (a chunked loss is future work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch in the learner's token layout (see the module docstring)."""
+
+    input_ids: torch.Tensor
+    """[b, P + R] prompt (left-padded) then response (right-padded) token ids."""
+    attention_mask: torch.Tensor
+    """[b, P + R] 1 on real tokens."""
+    response_mask: torch.Tensor
+    """[b, R] 1 on response tokens."""
+    prompt_width: int
+    """P: width of the left-padded prompt block."""
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[b, P + R] positions counting real tokens only (left padding gets 0)."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width
+        )
+
+
+class ValueModel(nn.Module):
+    """A causal-LM backbone with a scalar head: V(s) for every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        # a fresh tensor, not a view: FSDP2 hooks the root's output for the backward pass
+        return self.value_head(out.last_hidden_state.float()).squeeze(-1).clone()
+
+
+def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_policy(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu") -> nn.Module:
+    """The policy: a Hugging Face causal LM, in float32 master weights (FSDP casts for compute)."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).exists() and not str(path).count("/") == 1:
+        raise ValueError(f"model.path {path!r} is neither a directory nor a hub id")
+    del dtype  # master weights stay float32; compute dtype comes from the FSDP mixed-precision policy
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def load_value_model(
+    policy_path: str | Path, value_path: str | Path | None = None, *, device: str | torch.device = "cpu"
+) -> ValueModel:
+    """The value model: the backbone of `value_path` (or of the policy) with a zero-initialised scalar head."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(value_path or policy_path), dtype=torch.float32)
+    lm.config.use_cache = False
+    backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    model = ValueModel(backbone, lm.config.hidden_size)
+    if value_path is not None and (Path(value_path) / "value_head.pt").exists():
+        model.value_head.load_state_dict(torch.load(Path(value_path) / "value_head.pt", weights_only=True))
+    return model.to(device)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a policy or value model (the FSDP and checkpointing units)."""
+    backbone = model.backbone if isinstance(model, ValueModel) else model.get_decoder()
+    return list(backbone.layers)
+
+
+def shard(
+    model: nn.Module, *, mesh=None, mixed_precision: bool = False, activation_checkpointing: bool = False
+) -> nn.Module:
+    """Wrap `model` with FSDP2: one unit per decoder block, then the root (embeddings, norm, heads).
+
+    FSDP2 averages gradients over ranks; the train step, whose losses are already divided by
+    global counts, multiplies them by the world size to turn that mean into the sum it needs
+    (a divide factor of 1 would need ReduceOp.PREMUL_SUM, which gloo lacks).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        blocks = set(decoder_layers(model))
+        apply_activation_checkpointing(model, check_fn=lambda m: m in blocks)
+    kwargs: dict = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in decoder_layers(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def policy_forward(
+    policy: nn.Module,
+    mb: MicroBatch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs `[b, R]` of the response tokens (and their entropies `[b, R]` when asked).
+
+    `temperature` divides the logits, so the log-probs are those of the distribution the
+    actors sampled from (vLLM applies the same scaling). The entropy is computed outside the
+    autograd graph unless `entropy_grad` (an entropy bonus) asks for its gradient.
+    """
+    num_resp = mb.response_mask.shape[1]
+    out = policy(
+        input_ids=mb.input_ids,
+        attention_mask=mb.attention_mask,
+        position_ids=mb.position_ids,
+        logits_to_keep=num_resp + 1,
+    )
+    logits = out.logits[:, :-1].float()  # [b, R, V]: hidden state at P-1+j predicts response token j
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = mb.input_ids[:, mb.prompt_width :]
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logprobs, entropy
+
+
+def value_forward(value_model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Values `[b, R]`: V of the state before each response token."""
+    values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)  # [b, P + R]
+    p = mb.prompt_width
+    return values[:, p - 1 : p - 1 + mb.response_mask.shape[1]]

@@ -1,0 +1,209 @@
+"""The learner's VAPO step on a real (random-init) Qwen2: closed forms, value pretraining, FSDP on gloo.
+
+Two FSDP ranks must give the same losses and gradients as one rank on the same batch: that is
+what the global token normalisation (one all-reduce of the counts per mini-batch) guarantees.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learner.batching import Rollout
+from learner.model import load_policy, load_value_model
+from learner.train_step import Learner
+from shared.config import VapoConfig, load_config
+
+BASE = [
+    "learner.device=cpu",
+    "model.dtype=float32",
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_tokens=96",
+    "algo.value_pretrain_steps=0",
+    "learner.actor_lr=1e-3",
+    "learner.critic_lr=1e-3",
+    "learner.warmup_steps=0",
+]
+
+
+def _cfg(*overrides: str) -> VapoConfig:
+    return load_config([], BASE + list(overrides))
+
+
+def _rollouts(seed: int = 0, num_groups: int = 4, group_size: int = 4, vocab: int = 50) -> list[Rollout]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(num_groups):
+        prompt = rng.integers(3, vocab, int(rng.integers(3, 9)))
+        for _ in range(group_size):
+            n = int(rng.integers(1, 24))
+            correct = bool(rng.random() < 0.5)
+            out.append(
+                Rollout(
+                    prompt_ids=prompt,
+                    response_ids=rng.integers(3, vocab, n),
+                    behavior_logprobs=(-3.5 + 0.3 * rng.standard_normal(n)).astype(np.float32),
+                    score=1.0 if correct else -1.0,
+                    correct=correct,
+                    group=g,
+                    policy_version=0,
+                )
+            )
+    return out
+
+
+def _learner(model_dir: Path, cfg: VapoConfig, shard: bool = False) -> Learner:
+    policy = load_policy(model_dir)
+    value = load_value_model(model_dir) if cfg.algo.uses_critic else None
+    if shard:
+        from learner.model import shard as fsdp_shard
+
+        fsdp_shard(policy)
+        if value is not None:
+            fsdp_shard(value)
+    return Learner(cfg, policy, value, None, pad_id=0, device=torch.device("cpu"))
+
+
+def _sums() -> dict[str, torch.Tensor]:
+    return defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+
+
+def test_returns_are_monte_carlo_with_lambda_one(random_model_dir: Path) -> None:
+    learner = _learner(random_model_dir, _cfg("algo.lambda_critic=1.0"))
+    rollouts = _rollouts()
+    old = learner.prepare(rollouts, value_only=False)
+    for r, returns in zip(rollouts, old["returns"], strict=True):
+        # gamma = 1, one reward on the last token: every token's Monte-Carlo return is the score
+        torch.testing.assert_close(returns, torch.full_like(returns, r.score), rtol=0, atol=1e-9)
+    assert all(len(a) == len(r.response_ids) for a, r in zip(old["advantages"], rollouts, strict=True))
+
+
+def test_is_weights_are_exactly_one_when_behavior_equals_old(random_model_dir: Path) -> None:
+    learner = _learner(random_model_dir, _cfg())
+    rollouts = _rollouts()
+    old = learner.prepare(rollouts, value_only=False)
+    for r, lp in zip(rollouts, old["old_logprobs"], strict=True):
+        r.behavior_logprobs = lp.float().numpy()
+    old = learner.prepare(rollouts, value_only=False)
+    for w in old["is_weights"]:
+        assert torch.equal(w, torch.ones_like(w))
+
+
+def test_positive_nll_is_zero_when_nothing_is_correct(random_model_dir: Path) -> None:
+    learner = _learner(random_model_dir, _cfg())
+    rollouts = _rollouts()
+    for r in rollouts:
+        r.correct, r.score = False, -1.0
+    sums = _sums()
+    old = learner.prepare(rollouts, False, sums)
+    learner.accumulate_gradients(rollouts, list(range(len(rollouts))), old, False, sums)
+    assert sums["loss/nll_pos"].item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in learner.policy.parameters() if p.grad is not None)
+
+
+def test_value_pretraining_trains_only_the_critic(random_model_dir: Path) -> None:
+    learner = _learner(random_model_dir, _cfg("algo.value_pretrain_steps=3"))
+    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    rollouts = _rollouts()
+    value_losses = [learner.train_step(rollouts)["loss/value"] for _ in range(3)]
+    assert value_losses[-1] < value_losses[0]
+    for k, v in learner.policy.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    metrics = learner.train_step(rollouts)  # step 3: the policy starts training
+    assert metrics["train/value_only"] == 0.0
+    assert any(not torch.equal(v, before[k]) for k, v in learner.policy.state_dict().items())
+
+
+def test_a_vapo_step_reports_every_metric(random_model_dir: Path) -> None:
+    learner = _learner(random_model_dir, _cfg())
+    m = learner.train_step(_rollouts())
+    for key in (
+        "loss/policy",
+        "loss/value",
+        "loss/nll_pos",
+        "policy/clipfrac_high",
+        "policy/clipfrac_low",
+        "policy/approx_kl",
+        "policy/entropy",
+        "value/explained_var",
+        "lambda_policy/mean",
+        "is/weight_mean",
+        "is/weight_max",
+        "is/clipped_frac",
+        "train/padding_frac",
+        "rollout/acc",
+        "perf/train_tokens_per_s",
+        "grad_norm/policy",
+        "grad_norm/value",
+    ):
+        assert key in m and np.isfinite(m[key]), key
+    assert 0.0 <= m["train/padding_frac"] < 1.0
+
+
+@pytest.mark.parametrize("estimator", ["grpo"])
+def test_grpo_baseline_has_no_critic(random_model_dir: Path, estimator: str) -> None:
+    learner = _learner(random_model_dir, _cfg(f"algo.estimator={estimator}", "algo.loss_agg=sequence"))
+    assert learner.value_model is None
+    m = learner.train_step(_rollouts())
+    assert "loss/value" not in m and np.isfinite(m["loss/policy"])
+
+
+# ---- FSDP: two ranks equal one rank ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    learner = _learner(Path(model_dir), _cfg(), shard=True)
+    mine = [r for r in _rollouts() if r.group % world == rank]  # whole groups per rank
+    sums = _sums()
+    old = learner.prepare(mine, False, sums)
+    learner.accumulate_gradients(mine, list(range(len(mine))), old, False, sums)
+    grads = {}
+    for prefix, model in (("policy.", learner.policy), ("value.", learner.value_model)):
+        for name, p in model.named_parameters():
+            grads[prefix + name] = p.grad.full_tensor().clone()
+    keys = ["loss/policy", "loss/value", "loss/nll_pos"]
+    totals = torch.stack([sums[k] for k in keys])
+    dist.all_reduce(totals)
+    if rank == 0:
+        torch.save({"grads": grads, "losses": dict(zip(keys, totals.tolist(), strict=True))}, out)
+    dist.destroy_process_group()
+
+
+def _run(world: int, model_dir: Path, out: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0, f"rank exited with {p.exitcode}"
+    return torch.load(out)
+
+
+def test_two_fsdp_ranks_equal_one(random_model_dir: Path, tmp_path: Path) -> None:
+    one = _run(1, random_model_dir, tmp_path / "one.pt")
+    two = _run(2, random_model_dir, tmp_path / "two.pt")
+    for key, value in one["losses"].items():
+        assert abs(value - two["losses"][key]) < 1e-5, key
+    assert one["losses"]["loss/nll_pos"] > 0
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-5, msg=name)
