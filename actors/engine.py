@@ -141,8 +141,10 @@ class Engine:
 
     def apply_weights(self) -> int:
         """Receive and apply one push in every worker, reset the prefix cache; returns the policy version."""
-        results = self.llm.collective_rpc("receive_weights")
-        self.llm.reset_prefix_cache()
+        try:
+            results = self.llm.collective_rpc("receive_weights")
+        finally:  # even a failed push may have changed some weights
+            self.llm.reset_prefix_cache()
         versions = {int(r["policy_version"]) for r in results}
         assert len(versions) == 1, f"workers applied different versions {versions}"
         self.last_push = results[0]

@@ -106,9 +106,8 @@ class _BucketStream:
             self.broken = True  # without a header the end of the push cannot be found
             raise
         self.done = header.last
-        if validate and (
-            header.bucket_index != index or header.policy_version != (self.version or header.policy_version)
-        ):
+        version_changed = self.version is not None and header.policy_version != self.version
+        if validate and (header.bucket_index != index or version_changed):
             raise ValueError(
                 f"bucket {header.bucket_index} of version {header.policy_version} arrived; "
                 f"expected bucket {index} of version {self.version}"

@@ -84,7 +84,12 @@ def fixed_sequences(vocab_size: int, seed: int, num: int = 4, length: int = 48) 
 
 
 def weight_sync_doctor(
-    model_path: str, *, tolerance: float = 1e-4, seed: int = 0, bucket_bytes: int = 1 << 20
+    model_path: str,
+    *,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    bucket_bytes: int = 1 << 20,
+    tensor_parallel_size: int = 1,
 ) -> float:
     """Push perturbed weights into a fresh vLLM engine over gloo; returns the max abs log-prob diff vs transformers."""
     from transformers import AutoModelForCausalLM
@@ -101,6 +106,7 @@ def weight_sync_doctor(
         max_num_seqs=16,
         enforce_eager=True,
         max_model_len=512,
+        tensor_parallel_size=tensor_parallel_size,
     )
     print(f"engine_start_s: {time.perf_counter() - t0:.1f}")
     try:
@@ -137,7 +143,18 @@ def weight_sync_doctor(
     return diff
 
 
-def cmd_weight_sync(model_path: str, tolerance: float = 1e-4, seed: int = 0) -> int:
+def resolve_model_path(model_path: str) -> str:
+    """`builtin:tiny` -> the tiny model's directory (built on first use); any other path as is."""
+    if model_path != "builtin:tiny":
+        return model_path
+    from learner.tiny_model import build_tiny_model, default_tiny_model_dir
+
+    return str(build_tiny_model(default_tiny_model_dir()))
+
+
+def cmd_weight_sync(model_path: str, tolerance: float = 1e-4, seed: int = 0, tensor_parallel_size: int = 1) -> int:
     """CLI entry of `vapo doctor weight-sync --model PATH`: 0 when parity holds within `tolerance`, else 1."""
-    diff = weight_sync_doctor(model_path, tolerance=tolerance, seed=seed)
+    diff = weight_sync_doctor(
+        resolve_model_path(model_path), tolerance=tolerance, seed=seed, tensor_parallel_size=tensor_parallel_size
+    )
     return 0 if diff <= tolerance else 1

@@ -25,7 +25,10 @@ version.
 Failure modes: a receiver that does not join within `timeout_s` makes the constructor (or
 `rebuild`) raise TimeoutError naming the missing ranks; a receiver that dies during a push
 makes the broadcast raise when the group's timeout expires (gloo) or the NCCL watchdog abort
-it; either way the caller rebuilds the group for the actors still alive.
+it; the sender then closes the group (a later push raises until `rebuild`) and the caller
+rebuilds it for the actors still alive. A tensor of a dtype the protocol does not know raises
+ValueError before its bucket is sent, but possibly after earlier buckets; the receivers then
+fail on their timeout, as they do when the sender dies mid-push.
 
 Must not import actors, deploy or vllm.
 """
@@ -130,7 +133,11 @@ class WeightSender:
         assert self._group is not None
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self._group.broadcast([tensor], opts).wait()
+        try:
+            self._group.broadcast([tensor], opts).wait()
+        except RuntimeError:  # DistBackendError, gloo timeouts: the group is out of step; only a rebuild helps
+            self.close_group()
+            raise
 
     def _send_bucket(self, items: list[tuple[str, torch.Tensor]], version: int, index: int, last: bool) -> int:
         metas, nbytes = wp.layout((name, _dtype_name(t.dtype), tuple(t.shape)) for name, t in items)

@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.doctor import fixed_sequences, free_port, hf_logprobs, max_abs_diff, perturb_, with_peers
+from deploy.doctor import (
+    fixed_sequences,
+    free_port,
+    hf_logprobs,
+    max_abs_diff,
+    perturb_,
+    weight_sync_doctor,
+    with_peers,
+)
 from learner.weight_sync import WeightSender
 
 TOL = 1e-4
@@ -219,3 +227,14 @@ def test_apply_without_a_push_times_out_and_leaves_the_weights_alone(random_engi
     assert _parity(live, seed=8) < TOL
     live.engine.leave_weight_group()
     sender.close()
+
+
+@pytest.mark.slow
+def test_doctor_with_two_tensor_parallel_workers(random_model_dir, monkeypatch, capsys) -> None:
+    """Each TP worker is its own rank and receives the full tensors; vLLM's loaders shard them."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker; auto binding keeps a core spare
+    diff = weight_sync_doctor(str(random_model_dir), tensor_parallel_size=2)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"max_abs_logprob_diff: {diff:.3g}"
+    print(f"doctor, 2 TP workers: max_abs_logprob_diff {diff:.3g}")
+    assert diff < TOL
