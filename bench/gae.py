@@ -6,8 +6,9 @@ gamma = 1. The reference is the loop everyone writes first (verl's `compute_gae_
 style): one Python step per token, vectorised over the batch. Both results are compared, then the
 last line printed is `gae speedup vs loop: X` (reference time / gae time, best of the repeats).
 
-    python bench/gae.py            # the comparison
-    python bench/gae.py --large    # first one gae call at B = 8192, T = 20480 (time, added peak RSS)
+    python bench/gae.py              # the comparison, torch's default thread count
+    python bench/gae.py --threads 1  # the same on one thread (steadier on a busy machine)
+    python bench/gae.py --large      # first one gae call at B = 8192, T = 20480 (time, added peak RSS)
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5, help="gae repeats (the loop runs twice)")
     parser.add_argument("--large", action="store_true", help="also time one call at B = 8192, T = 20480")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.large:
         run_large()
 

@@ -12,15 +12,16 @@ Python step per token:
 - levels 1 and 2 work on a block of C * C tokens: each sub-chunk of C tokens is scanned by a
   matmul with the upper-triangular M[i, j] = c^(j - i) (one [C, C] matrix for a scalar lambda,
   a [B, C, C] batch for per-sequence lambda), then the C sub-chunk heads by log2(C) doubling
-  steps with decays c^(C 2^k). C = min(64, ceil(sqrt(T))): a short batch is one small block.
+  steps with decays c^(C 2^k). C = min(16, ceil(sqrt(T))): a short batch is one small block.
 - level 3 joins the blocks right to left (decay c^(C * C)), then every token gets c^(distance)
   times the head to its right;
 - time is processed in passes of whole blocks, right to left with one carry per row, each pass
   as wide as `_ELEMENT_BUDGET` elements allow (at least one block): temporaries stay at a few
   [B, columns] tensors besides the two [B, T] outputs, and a small batch takes few kernels.
 
-Cost at B = 8192, T = 20480 in float32: the two outputs (1.3 GB) plus about 0.7 GB of pass
-temporaries and per-row tables ([B, 64, 64]).
+Memory at B = 8192, T = 20480 in float32: the two outputs (1.25 GiB) plus about 60 MiB of pass
+temporaries and per-row tables ([B, 16, 16]); measured with `python bench/gae.py --large`.
+On CPU much of the time goes to first-touch page faults of the two fresh outputs.
 
 Only non-negative integer powers of c <= 1 appear, so there is no division by small powers
 (the cumprod/divide trick overflows for c near 0 and loses precision near 1); c = 0 works
@@ -39,7 +40,7 @@ import math
 
 import torch
 
-_MAX_CHUNK = 64  # largest sub-chunk length C; a block is C * C tokens
+_MAX_CHUNK = 16  # largest sub-chunk length C; a block is C * C tokens (level 1 costs C multiply-adds per token)
 _ELEMENT_BUDGET = 1 << 21  # elements per [B, columns] temporary (8 MB in float32: stays in cache on CPU)
 
 
@@ -164,7 +165,7 @@ def gae(
     lam_t, bad_lam = _lambda_rows(lam, batch, advantages)
     if batch == 0 or length == 0:
         return advantages, returns
-    chunk = min(_MAX_CHUNK, math.isqrt(length - 1) + 1)  # smallest C with C * C >= T, at most 64
+    chunk = min(_MAX_CHUNK, math.isqrt(length - 1) + 1)  # smallest C with C * C >= T, at most _MAX_CHUNK
     tables = _decay_tables(gamma * lam_t, chunk)
     # Columns per pass: whole blocks of C * C tokens, as many as the element budget allows (at least one).
     width = chunk * chunk * max(1, min(-(-length // (chunk * chunk)), _ELEMENT_BUDGET // (batch * chunk * chunk)))

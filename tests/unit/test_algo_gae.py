@@ -269,7 +269,7 @@ def test_decoupled_gae_with_length_adaptive_lambda_matches_reference():
 @pytest.mark.parametrize("lam", [0.999, "per_sequence"])
 @pytest.mark.parametrize("one_block_per_pass", [False, True])
 def test_carries_across_several_blocks(lam, one_block_per_pass, monkeypatch):
-    # Blocks are 64 * 64 = 4096 tokens; long responses cross two block boundaries, inside one pass
+    # Long responses cross many block boundaries (blocks are at most 256 tokens), inside one pass
     # (level 3) or, with a tiny element budget, across passes (the carry), as at large B.
     if one_block_per_pass:
         monkeypatch.setattr(gae_module, "_ELEMENT_BUDGET", 1)
