@@ -23,6 +23,7 @@ Decisions:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,3 +176,14 @@ def value_forward(value_model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)  # [b, P + R]
     p = mb.prompt_width
     return values[:, p - 1 : p - 1 + mb.response_mask.shape[1]]
+
+
+def iter_full_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) of every parameter, one at a time; every rank must iterate.
+
+    FSDP shards are all-gathered one parameter at a time, so memory beyond the model stays
+    bounded by the largest tensor; tied weights appear once (under the input embedding).
+    """
+    for name, param in model.named_parameters():
+        tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+        yield name.replace("_checkpoint_wrapped_module.", ""), tensor.detach()
