@@ -25,7 +25,7 @@ On CPU much of the time goes to first-touch page faults of the two fresh outputs
 
 Only non-negative integer powers of c <= 1 appear, so there is no division by small powers
 (the cumprod/divide trick overflows for c near 0 and loses precision near 1); c = 0 works
-(0^0 = 1). In float64 the result agrees with the step-by-step loop to about 1e-15 relative.
+(0^0 = 1). In float64 the result agrees with the step-by-step loop to about 1e-14 (tests ask 1e-10).
 
 Masks. Each row's valid tokens form one contiguous run (right padding: the run starts at the
 first response token); `gae` checks this and raises ValueError naming the row otherwise. Rewards
