@@ -74,7 +74,7 @@ class Engine:
         self.llm = LLM(
             model=str(model_path),
             seed=seed,
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]  # vLLM types it as a Literal of dtype names
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_num_seqs=max_num_seqs,
@@ -121,7 +121,11 @@ class Engine:
         for seq, out in zip(sequences, outputs, strict=True):
             entries = out.prompt_logprobs
             assert entries is not None and len(entries) == len(seq) and entries[0] is None
-            scores.append(np.array([e[tok].logprob for e, tok in zip(entries[1:], seq[1:], strict=True)], np.float32))
+            values = []
+            for entry, token in zip(entries[1:], seq[1:], strict=True):
+                assert entry is not None and token in entry
+                values.append(entry[token].logprob)
+            scores.append(np.array(values, dtype=np.float32))
         return scores
 
     def join_weight_group(

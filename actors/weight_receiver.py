@@ -59,7 +59,9 @@ from shared import weight_protocol as wp
 EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 
 
-def make_group(store: dist.Store, rank: int, world_size: int, backend: str, timeout: timedelta) -> dist.ProcessGroup:
+def make_group(
+    store: dist.Store, rank: int, world_size: int, backend: str, timeout: timedelta
+) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
     """A process group of `backend` ('gloo' or 'nccl') on `store`, apart from the default world."""
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
@@ -73,7 +75,7 @@ def make_group(store: dist.Store, rank: int, world_size: int, backend: str, time
 class _BucketStream:
     """Receives the buckets of one push and yields (name, tensor) views into them."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL, device: torch.device) -> None:
         self.group, self.device = group, device
         self.version: int | None = None
         self.num_tensors = self.num_bytes = self.num_buckets = 0
@@ -86,7 +88,7 @@ class _BucketStream:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         try:
-            self.group.broadcast([tensor], opts).wait()
+            self.group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
         except RuntimeError:  # DistBackendError and gloo timeouts: the group cannot be trusted any more
             self.broken = True
             raise
@@ -156,7 +158,7 @@ def _with_tied_head(weights: Iterator[tuple[str, torch.Tensor]], tied: bool) -> 
 class WeightReceiver:
     """vLLM worker extension: joins the weight broadcast group and applies pushed weights in place."""
 
-    _wr_group: dist.ProcessGroup | None = None
+    _wr_group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
     _wr_store: dist.Store | None = None
     _wr_backend: str = "gloo"
 

@@ -65,7 +65,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def make_group(store: dist.Store, rank: int, world_size: int, backend: str, timeout: timedelta) -> dist.ProcessGroup:
+def make_group(
+    store: dist.Store, rank: int, world_size: int, backend: str, timeout: timedelta
+) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
     """A process group of `backend` ('gloo' or 'nccl') on `store`, apart from the default world."""
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
@@ -101,7 +103,7 @@ class WeightSender:
         self.port: int = store.port
         self._store: dist.TCPStore | None = store
         self._used_names: set[str] = set()
-        self._group: dist.ProcessGroup | None = None
+        self._group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
         self.group_name = ""
         self.world_size = 0
         self.rebuild(world_size, group_name)
@@ -134,7 +136,7 @@ class WeightSender:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         try:
-            self._group.broadcast([tensor], opts).wait()
+            self._group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
         except RuntimeError:  # DistBackendError, gloo timeouts: the group is out of step; only a rebuild helps
             self.close_group()
             raise
