@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import VapoConfig
-from shared.transport import Requester, Subscriber, endpoint, load_secret
+from shared.transport import Requester, Subscriber, endpoint, inproc_endpoints, load_secret
 from shared.types import LeaseReply, QueueStats, RolloutGroup
 from shared.wire import Buffer, Message, WireError, decode, encode, encode_group
 
@@ -68,11 +68,12 @@ class ClientSettings:
     max_message_bytes: int = 512 * 2**20
 
     @classmethod
-    def from_config(cls, cfg: VapoConfig) -> ClientSettings:
-        """Settings from `cfg.queue` (connecting to its host and ports)."""
+    def from_config(cls, cfg: VapoConfig, *, in_process: bool = False) -> ClientSettings:
+        """Settings from `cfg.queue`; `in_process` for a client in the process that runs the queue (inproc, no copy)."""
         q = cfg.queue
-        return cls(endpoint(q.host, q.port), endpoint(q.host, q.pub_port), load_secret(q.secret_file),
-                   q.request_timeout_s, q.max_message_bytes)
+        address, pub_address = (inproc_endpoints(q.port) if in_process
+                                else (endpoint(q.host, q.port), endpoint(q.host, q.pub_port)))
+        return cls(address, pub_address, load_secret(q.secret_file), q.request_timeout_s, q.max_message_bytes)
 
 
 class _Client:

@@ -16,6 +16,14 @@ Sockets.
   an attempt timeout the socket is closed (linger 0, dropping anything queued) and a new one
   resends the same id: the lazy-pirate pattern. This is how clients survive a queue restart.
 - `Subscriber` is a SUB socket that drains to the latest broadcasts.
+- The server also binds inproc endpoints (`inproc_endpoints`): a learner that embeds the
+  queue in a thread talks to it without any copy. For that every socket of a process comes
+  from one shared context (two I/O threads).
+
+Copies. Frames are sent with copy=False. A group the queue forwards to the learner goes out
+as the very zmq.Frame it arrived in (zmq shares it by reference count), so the queue copies
+no rollout bytes itself; the kernel's TCP copies are the only ones, once into the queue and
+once out of it (none out of it when the learner is in-process).
 
 Envelope, after the ROUTER's routing id: [client name, request id (8 bytes LE), message
 frames..., HMAC?]; replies: [request id, message frames..., HMAC?]; broadcasts: [message
@@ -46,11 +54,13 @@ Failure modes.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -75,12 +85,40 @@ def endpoint(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+def inproc_endpoints(port: int) -> tuple[str, str]:
+    """The in-process (request, publish) endpoints of the queue whose request port is `port`."""
+    return f"inproc://vapo-queue-{port}", f"inproc://vapo-queue-{port}-pub"
+
+
+_context_lock = threading.Lock()
+_shared_context: zmq.Context | None = None
+
+
+def _context() -> zmq.Context:
+    """One context per process, shared by the server and clients, so inproc endpoints connect.
+
+    Two I/O threads: one alone limits a busy queue to about one core of socket copies.
+    """
+    global _shared_context
+    with _context_lock:
+        if _shared_context is None or _shared_context.closed:
+            _shared_context = zmq.Context(io_threads=2)
+        return _shared_context
+
+
 def _views(frames: Sequence[zmq.Frame]) -> list[memoryview]:
     return [f.buffer for f in frames]
 
 
 def _signed(secret: bytes | None, frames: Sequence[Buffer]) -> list[Buffer]:
     return [*frames, sign(secret, frames)] if secret else list(frames)
+
+
+def _as_sendable(frame: Any) -> Any:
+    """A view of a whole received frame goes back out as that zmq.Frame: zmq shares it (no copy, no tracking)."""
+    if isinstance(frame, memoryview) and isinstance(frame.obj, zmq.Frame) and frame.nbytes == len(frame.obj):
+        return frame.obj
+    return frame
 
 
 def _authentic(secret: bytes | None, frames: list[memoryview]) -> list[memoryview] | None:
@@ -113,9 +151,8 @@ class _Last:
 class Server:
     """The queue's bound sockets: ROUTER for requests, PUB for broadcasts."""
 
-    def __init__(self, host: str, port: int, pub_port: int, *, secret: bytes | None, max_message_bytes: int,
-                 io_threads: int = 2) -> None:
-        self._ctx = zmq.Context(io_threads=io_threads)
+    def __init__(self, host: str, port: int, pub_port: int, *, secret: bytes | None, max_message_bytes: int) -> None:
+        self._ctx = _context()
         self._secret = secret
         self._max_bytes = max_message_bytes
         self.router = self._ctx.socket(zmq.ROUTER)
@@ -126,6 +163,8 @@ class Server:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.port = self._bind(self.router, host, port)
         self.pub_port = self._bind(self.pub, host, pub_port)
+        for sock, address in zip((self.router, self.pub), inproc_endpoints(self.port), strict=True):
+            sock.bind(address)  # for clients in this process (the learner embedding the queue): no copies
         self._poller = zmq.Poller()
         self._poller.register(self.router, zmq.POLLIN)
         self._last: dict[str, _Last] = {}
@@ -195,7 +234,8 @@ class Server:
 
     def _send(self, peer: bytes, envelope: list[Buffer]) -> bool:
         try:
-            self.router.send_multipart([peer, *_signed(self._secret, envelope)], flags=zmq.NOBLOCK, copy=False)
+            frames = [peer, *map(_as_sendable, _signed(self._secret, envelope))]
+            self.router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             self.undelivered += 1
@@ -217,10 +257,9 @@ class Server:
             del self._last[client]
 
     def close(self) -> None:
-        """Close both sockets and the context."""
+        """Close both sockets (the process-wide context stays)."""
         self.router.close(linger=0)
         self.pub.close(linger=0)
-        self._ctx.term()
 
 
 class Requester:
@@ -231,7 +270,7 @@ class Requester:
         self._secret = secret
         self.name = name or f"{os.getpid()}-{os.urandom(6).hex()}"
         assert 0 < len(self.name.encode()) <= MAX_CLIENT_NAME
-        self._ctx: zmq.Context = zmq.Context.instance()
+        self._ctx = _context()
         self._next_id = 1
         self._sock = self._connect()
         self.reconnects = 0
@@ -292,7 +331,7 @@ class Subscriber:
 
     def __init__(self, address: str, *, secret: bytes | None = None) -> None:
         self._secret = secret
-        self._sock: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
+        self._sock: zmq.Socket = _context().socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._sock.connect(address)

@@ -18,7 +18,9 @@ from test_queue_support import (
     synthetic_group,
 )
 
+from shared import wire
 from shared.queue_client import ActorClient, ClientSettings, LearnerClient
+from shared.transport import Requester
 from shared.types import Lease, QueueStats
 
 RNG = np.random.default_rng(0)
@@ -149,3 +151,19 @@ def test_sigterm_stops_cleanly_and_reports_unconsumed_groups() -> None:
     assert stats.cursor == {"source": {"pos": 2}, "skip": []}  # the two unconsumed prompts are pending
     actor.close()
     learner.close()
+
+
+def test_a_resent_request_is_executed_once() -> None:
+    cfg = make_cfg()
+    settings = ClientSettings.from_config(cfg)
+    with queue_thread(cfg, ListSource(100)):
+        rq = Requester(settings.address, name="resender")
+        frames = wire.encode("lease", {"actor_id": 3, "incarnation": 1, "policy_version": 0, "num_prompts": 2})
+        req_id = rq.new_id()
+        first = wire.decode(rq.request(frames, timeout_s=5, attempt_s=5, req_id=req_id), max_bytes=1 << 20)
+        again = wire.decode(rq.request(frames, timeout_s=5, attempt_s=5, req_id=req_id), max_bytes=1 << 20)
+        assert again.body["leases"] == first.body["leases"] and len(first.body["leases"]) == 2
+        learner = LearnerClient(settings)
+        assert learner.stats().leased == 2  # the resend was answered from the cache, not granted again
+        rq.close()
+        learner.close()

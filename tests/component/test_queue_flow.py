@@ -40,3 +40,15 @@ def test_actor_processes_feed_full_batches_with_the_identity_holding_throughout(
     assert {a for kind, a, *_ in drain(events) if kind == "submit"} == {0, 1, 2}  # every actor contributed
     assert stats.identity_holds() and stats.rejected == {} and stats.dropped_stale == 0
     assert final["stats"].identity_holds()
+
+
+def test_a_learner_embedding_the_queue_talks_to_it_in_process() -> None:
+    cfg = make_cfg(max_staleness=0, prompts_per_step=2, group_size=2)
+    with queue_thread(cfg, ListSource(100)), actors(ClientSettings.from_config(cfg), [ActorPlan(0)]):
+        learner = LearnerClient(ClientSettings.from_config(cfg, in_process=True))
+        assert learner.settings.address.startswith("inproc://")
+        for version in range(3):
+            batch = learner.get_batch(2, timeout_s=10)
+            assert [g.policy_version for g in batch.groups] == [version, version]
+            learner.publish_version(version + 1)
+        learner.close()
