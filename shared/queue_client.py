@@ -119,7 +119,7 @@ class ActorClient(_Client):
                           version=b["version"])
 
     def submit(self, groups: Sequence[RolloutGroup], *, timeout_s: float | None = None) -> list[str]:
-        """Send groups; statuses accepted/filtered/stale/late/duplicate/stopping/rejected:<reason>, one per group.
+        """Send groups; one status per group: accepted, filtered, stale, late, duplicate or rejected:<reason>.
 
         A `busy` queue (memory bound reached) is waited out: the groups are resent after its
         retry hint until accepted or `timeout_s` (None: wait as long as it takes) passes.

@@ -12,6 +12,8 @@ Requests (all on one ROUTER, answered in arrival order by one thread):
 - get_batch(num_groups, wait_s) -> parked until the batch is full, no progress is possible
   (a short batch) or wait_s passes (`timed_out`, nothing handed out);
 - set_version(version), get_stats, get_cursor, control(pause | resume | stop | shutdown).
+  `stop` ends leasing (results of live leases are still taken, and a waiting batch gets what
+  is there); `shutdown` also ends the loop, like SIGTERM.
 The publish socket repeats {version, command} every `publish_interval_s` and on every change.
 
 Flow control: the queue's memory is bounded by admission control (in flight + queued is at
@@ -153,9 +155,7 @@ class QueueService:
         for group, encoded in zip(msg.groups, msg.encoded_groups, strict=True):
             if group.actor_id != actor_id:
                 status = self.state.reject("wrong_actor")
-            elif self.state.stopping:
-                status = "stopping"
-            else:
+            else:  # also while stopping: work already admitted is still taken, only new leases end
                 status = self.state.submit(
                     lease_id=group.lease_id, prompt_id=group.prompt_id, actor_id=actor_id, incarnation=incarnation,
                     policy_version=group.policy_version, correct=group.correct.tolist(),
@@ -196,7 +196,7 @@ class QueueService:
         if command in ("pause", "resume"):
             self.state.paused = command == "pause"
             self._command = "pause" if self.state.paused else "run"
-        else:  # stop and shutdown: no more leases or groups; shutdown also ends the loop
+        else:  # stop and shutdown: no more leases (groups of live leases are still taken); shutdown ends the loop
             self.state.stopping = True
             self._command = "stop"
             self._shutdown = command == "shutdown"

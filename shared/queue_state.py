@@ -282,8 +282,9 @@ class QueueState:
             return self.reject("wrong_prompt")
         if len(correct) != self.group_size:
             return self.reject("wrong_group_size")
-        if self.queued and self.stats.queued_bytes + nbytes > self.max_queued_bytes:
-            return "busy"
+        if self._queue and (len(self._queue) >= self.max_queued_groups
+                            or self.stats.queued_bytes + nbytes > self.max_queued_bytes):
+            return "busy"  # the actor keeps the group and resends it later (an empty queue takes anything)
         self._close(lease_id, "done")
         if self.version - policy_version > self.max_staleness:
             self.stats.dropped_stale += 1

@@ -52,3 +52,21 @@ def test_a_learner_embedding_the_queue_talks_to_it_in_process() -> None:
             assert [g.policy_version for g in batch.groups] == [version, version]
             learner.publish_version(version + 1)
         learner.close()
+
+
+def test_a_slow_learner_backpressures_the_actors_instead_of_growing_the_queue() -> None:
+    cfg = make_cfg(max_staleness=1, prompts_per_step=4, max_queued_groups=6)
+    settings = ClientSettings.from_config(cfg)
+    with queue_thread(cfg, ListSource(10_000)), actors(settings, [ActorPlan(i) for i in range(2)]):
+        learner = LearnerClient(settings)
+        for _ in range(10):  # the learner is busy elsewhere for a second
+            stats = learner.stats()
+            assert stats.queued <= 6 and stats.in_flight + stats.queued <= (1 + 1) * 4
+            time.sleep(0.1)
+        assert stats.queued == 6 and stats.leased <= 8  # memory capped what was taken (a full window is 8)
+        for version in range(4):  # once it consumes, everything flows again
+            assert len(learner.get_batch(4, timeout_s=10).groups) == 4
+            learner.publish_version(version + 1)
+        stats = learner.stats()
+        assert stats.identity_holds() and stats.consumed == 16 and stats.dropped_stale == 0
+        learner.close()

@@ -198,9 +198,9 @@ def test_dynamic_sampling_fills_the_batch_when_enough_groups_pass() -> None:
 def test_memory_bounds_backpressure_actors() -> None:
     q = _state(max_staleness=10, max_queued_groups=3)
     leases, _ = q.lease(0, 0, 0, 5, now=0)
-    for lease in leases[:3]:
-        _submit(q, lease)
+    assert [_submit(q, x) for x in leases] == ["accepted"] * 3 + ["busy"] * 2
     assert q.lease(0, 0, 0, 1, now=0) == ([], "memory")
+    assert q.take_batch(4) == [0, 1, 2]  # full memory: no progress possible, a short batch
     q2 = _state(max_staleness=10, max_queued_bytes=250)
     leases, _ = q2.lease(0, 0, 0, 4, now=0)
     assert [_submit(q2, x, nbytes=100) for x in leases] == ["accepted", "accepted", "busy", "busy"]
