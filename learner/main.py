@@ -1,0 +1,246 @@
+"""The learner process: set up, then loop (receive a batch, train, push weights, log, checkpoint).
+
+Reads top to bottom: `run_learner` sets up the process group, the models, the optimisers and
+(on rank 0) the queue client, the weight pusher and the tracker, then loops over rollout
+steps. Rank 0 is the only rank that talks to the queue, the actors and MLflow; it hands every
+rank whole prompt groups (round-robin), as wire-encoded msgpack bytes over the learner's own
+process group (nothing is pickled).
+
+Versions: the learner's policy version starts at the checkpoint's (0 for a fresh run) and
+goes up by one per push. A push is: every rank gathers full tensors one parameter at a time
+(FSDP), rank 0 publishes the new version through the queue (so actors know to receive) and
+broadcasts the weights. After a resume the first action is a push, so actors generate with
+the checkpoint's weights, never with stale ones.
+
+Failure modes: no batch within the wait -> keep waiting (the wait is logged as idle time);
+SIGTERM -> finish the current step, checkpoint, exit; the queue stopping -> checkpoint, exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from learner import checkpoint
+from learner.batching import Rollout
+from learner.model import iter_full_params, load_policy, load_value_model, shard
+from learner.train_step import Learner
+from shared.config import VapoConfig
+from shared.types import RolloutGroup
+from shared.wire import decode, encode, encode_group
+
+log = logging.getLogger("vapo.learner")
+
+
+class WeightPusher(Protocol):
+    """What rank 0 uses to get new weights to the actors (see `learner.weight_sync`)."""
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any: ...
+
+
+class BatchSource(Protocol):
+    """Where rank 0 gets rollout groups (the queue's `LearnerClient`, or anything shaped like it)."""
+
+    def get_batch(self, num_groups: int, timeout_s: float) -> Any: ...
+
+    def publish_version(self, version: int) -> None: ...
+
+
+@dataclass
+class LearnerReport:
+    """What a finished learner reports."""
+
+    steps: int
+    version: int
+    metrics: list[dict[str, float]]
+
+
+def rollouts_from_groups(groups: Sequence[RolloutGroup], first_group_index: int = 0) -> list[Rollout]:
+    """Flatten groups into the learner's per-response records (group index for group statistics)."""
+    out = []
+    for g_index, group in enumerate(groups, start=first_group_index):
+        for i in range(group.num_responses):
+            tokens, logprobs, versions = group.response(i)
+            out.append(
+                Rollout(
+                    prompt_ids=group.prompt_token_ids,
+                    response_ids=tokens,
+                    behavior_logprobs=logprobs,
+                    score=float(group.rewards[i]),
+                    correct=bool(group.correct[i]),
+                    group=g_index,
+                    policy_version=int(versions.min()) if len(versions) else group.policy_version,
+                )
+            )
+    return out
+
+
+def _groups_to_bytes(groups: Sequence[RolloutGroup]) -> bytes:
+    frames = encode("submit", {"actor_id": 0, "incarnation": 0}, [encode_group(g) for g in groups])
+    return msgpack.packb([bytes(memoryview(f)) for f in frames], use_bin_type=True)
+
+
+def _groups_from_bytes(data: bytes) -> list[RolloutGroup]:
+    frames = msgpack.unpackb(data, raw=False)
+    return decode(frames, max_bytes=len(data) + 1, kinds=("submit",)).groups
+
+
+def scatter_groups(groups: Sequence[RolloutGroup] | None) -> list[RolloutGroup]:
+    """Rank 0 passes the batch's groups; every rank gets its round-robin share of whole groups."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        assert groups is not None
+        return list(groups)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    size = torch.zeros(1, dtype=torch.long)
+    payload = b""
+    if rank == 0:
+        assert groups is not None
+        payload = _groups_to_bytes(groups)
+        size[0] = len(payload)
+    dist.broadcast(size, src=0)
+    buf = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        if rank == 0
+        else torch.empty(int(size), dtype=torch.uint8)
+    )
+    dist.broadcast(buf, src=0)
+    everything = _groups_from_bytes(buf.numpy().tobytes())
+    return everything[rank::world]
+
+
+def batch_metrics(groups: Sequence[RolloutGroup], version: int) -> dict[str, float]:
+    """Version lag and generation throughput of one consumed batch."""
+    lags = np.array([version - g.policy_version for g in groups], dtype=np.float64)
+    tokens = sum(g.num_tokens for g in groups)
+    start = min(g.gen_started_at for g in groups)
+    end = max(g.gen_started_at + g.gen_seconds for g in groups)
+    return {
+        "async/version_lag_mean": float(lags.mean()),
+        "async/version_lag_max": float(lags.max()),
+        "perf/gen_tokens_per_s": tokens / max(end - start, 1e-9),
+        "rollout/reward_seconds_mean": float(np.mean([g.reward_seconds for g in groups])),
+    }
+
+
+def build_learner(cfg: VapoConfig, model_path: str, device: torch.device) -> Learner:
+    """Models (sharded when a process group exists), optimisers and the Learner around them."""
+    from transformers import AutoTokenizer
+
+    policy = load_policy(model_path, device=device)
+    value = load_value_model(model_path, cfg.model.value_path, device=device) if cfg.algo.uses_critic else None
+    ref = load_policy(model_path, device=device).requires_grad_(False) if cfg.algo.kl_coef > 0 else None
+    if dist.is_initialized():
+        mixed = device.type == "cuda" and cfg.model.dtype != "float32"
+        for model in (policy, value, ref):
+            if model is not None:
+                shard(
+                    model,
+                    mixed_precision=mixed,
+                    activation_checkpointing=cfg.learner.activation_checkpointing and model is not ref,
+                )
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Learner(cfg, policy, value, ref, pad_id=int(pad_id), device=device)
+
+
+def push_weights(learner: Learner, pusher: WeightPusher | None, source: BatchSource | None, version: int) -> float:
+    """All ranks gather; rank 0 announces `version` and broadcasts. Returns rank 0's seconds."""
+    t0 = time.perf_counter()
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    params = iter_full_params(learner.policy)
+    if is_rank0 and source is not None:
+        source.publish_version(version)  # actors see it and enter the receive; admission control moves on
+    if is_rank0 and pusher is not None:
+        pusher.push(params, version)
+    else:
+        for _ in params:  # the other ranks (and a learner without actors) still take part in the gathers
+            pass
+    return time.perf_counter() - t0
+
+
+def run_learner(
+    cfg: VapoConfig,
+    *,
+    model_path: str,
+    source: BatchSource | None,
+    pusher: WeightPusher | None,
+    device: torch.device,
+    tracker: Any = None,
+    stop_event: threading.Event | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> LearnerReport:
+    """Train until `learner.total_steps`, a stop request or SIGTERM; rank 0 passes source/pusher/tracker."""
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    torch.manual_seed(cfg.seed)
+    learner = build_learner(cfg, model_path, device)
+    version, cursor = 0, None
+    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume else None
+    if ckpt is not None:
+        meta = checkpoint.load(learner, ckpt)
+        version, cursor = int(meta["version"]), meta["data_cursor"]
+        log.info("resumed from %s at step %d, version %d", ckpt, learner.step, version)
+        push_weights(learner, pusher, source, version)
+    history: list[dict[str, float]] = []
+    while learner.step < cfg.learner.total_steps and not stop.is_set():
+        t_wait = time.perf_counter()
+        groups, stats = _next_batch(cfg, source, stop) if is_rank0 else (None, None)
+        if _should_stop(groups is None and is_rank0):
+            break
+        wait_s = time.perf_counter() - t_wait
+        mine = scatter_groups(groups)
+        metrics = learner.train_step(rollouts_from_groups(mine))
+        compute_s = time.perf_counter() - t_wait - wait_s
+        if learner.step % cfg.sync.push_every == 0:
+            version += 1
+            metrics["sync/push_seconds"] = push_weights(learner, pusher, source, version)
+        if is_rank0:
+            assert groups is not None and stats is not None
+            cursor = stats.cursor
+            metrics.update(batch_metrics(groups, version - 1))
+            metrics.update(stats.metrics())
+            metrics["perf/learner_idle_frac"] = wait_s / max(wait_s + compute_s, 1e-9)
+            metrics["train/version"] = float(version)
+            history.append(metrics)
+            if tracker is not None and learner.step % cfg.tracking.log_every == 0:
+                tracker.log_metrics(metrics, step=learner.step)
+            if on_step is not None:
+                on_step(metrics)
+        if cfg.learner.checkpoint_every and learner.step % cfg.learner.checkpoint_every == 0:
+            checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
+    checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
+    return LearnerReport(steps=learner.step, version=version, metrics=history)
+
+
+def _should_stop(local: bool) -> bool:
+    """Whether any rank (in practice rank 0, which talks to the queue) asks to stop."""
+    flag = torch.tensor([1 if local else 0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _next_batch(cfg: VapoConfig, source: BatchSource | None, stop: threading.Event):
+    """(groups, stats) of the next full batch, or (None, None) when stopping."""
+    assert source is not None
+    while not stop.is_set():
+        try:
+            batch = source.get_batch(cfg.rollout.prompts_per_step, timeout_s=5.0)
+        except TimeoutError:
+            continue
+        if batch.stopping or not batch.groups:
+            return None, None
+        return batch.groups, batch.stats
+    return None, None
