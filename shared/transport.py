@@ -184,7 +184,7 @@ class Server:
         """The next new, authentic request, waiting at most `timeout_s`; None when there is none (yet)."""
         if not self._poller.poll(max(0, int(timeout_s * 1000))):
             return None
-        while True:
+        for _ in range(1000):  # bounded, so a flood of rejected input cannot starve the service's other duties
             try:
                 raw = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -192,6 +192,7 @@ class Server:
             request = self._accept(raw)
             if request is not None:
                 return request
+        return None
 
     def _accept(self, raw: list[zmq.Frame]) -> Request | None:
         frames = _views(raw)
