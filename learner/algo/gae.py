@@ -10,9 +10,9 @@ constant, so A is a discounted reverse cumulative sum of the deltas, computed he
 Python step per token:
 
 - levels 1 and 2 work on a block of C * C tokens: each sub-chunk of C tokens is scanned by a
-  matmul with the upper-triangular M[i, j] = c^(j - i) (one [C, C] matrix for a scalar lambda,
-  a [B, C, C] batch for per-sequence lambda), then the C sub-chunk heads by log2(C) doubling
-  steps with decays c^(C 2^k). C = min(16, ceil(sqrt(T))): a short batch is one small block.
+  matmul with the triangular M[j, i] = c^(j - i), j >= i (one [C, C] matrix for a scalar lambda,
+  a [B, C, C] batch for per-sequence lambda), then the C sub-chunk heads the same way with
+  decay c^C. C = min(16, ceil(sqrt(T))): a short batch is one small block.
 - level 3 joins the blocks right to left (decay c^(C * C)), then every token gets c^(distance)
   times the head to its right;
 - time is processed in passes of whole blocks, right to left with one carry per row, each pass
@@ -63,43 +63,44 @@ def length_adaptive_lambda(lengths: torch.Tensor, alpha: float, lam_min: float =
     return (1.0 - 1.0 / (alpha * lengths)).clamp(min=lam_min)
 
 
-def _decay_tables(c: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """Powers of the decay c [R] (R = 1 for a scalar lambda, else B) used by the blocked scan with C = size.
-
-    Returns m1t [R, C, C] (transposed level-1 matrix: m1t[j, i] = c^(j - i) for j >= i, else 0),
-    hops [R, log2(C)] (c^(C * 2^k), the level-2 doubling steps), tail [R, 1, 1, C] (c^(C - i)),
-    head [R, 1, C] (c^((C - n) * C): decay from the next block's head to the head of sub-chunk n)
-    and block [R] (c^(C * C): decay across a whole block).
-    """
-    idx = torch.arange(size + 1, device=c.device, dtype=c.dtype)
-    powers = torch.pow(c[:, None], idx)  # [R, C + 1]: c^k
+def _triangular_powers(c: torch.Tensor, size: int, scale: int) -> torch.Tensor:
+    """From c [R]: [R, C, C] with m[j, i] = c^(scale (j - i)) for j >= i, else 0 (x @ m: decayed reverse cumsum)."""
+    exponents = torch.arange(size + 1, device=c.device, dtype=c.dtype) * scale
+    powers = torch.pow(c[:, None], exponents)  # [R, C + 1]
     powers[:, size] = 0.0  # slot C stands for the zeros below the diagonal
     j = torch.arange(size, device=c.device)
     dist = j[:, None] - j[None, :]
-    gather = torch.where(dist >= 0, dist, size).flatten()
-    m1t = torch.index_select(powers, 1, gather).view(-1, size, size)
-    steps = torch.tensor([size * 2**k for k in range(max(size - 1, 0).bit_length())], dtype=c.dtype, device=c.device)
-    hops = torch.pow(c[:, None], steps)
-    tail = torch.pow(c[:, None], size - idx[:size])[:, None, None, :]
-    head = torch.pow(c[:, None], (size - idx[:size]) * size)[:, None, :]
-    return m1t, hops, tail, head, torch.pow(c, size * size)
+    return torch.index_select(powers, 1, torch.where(dist >= 0, dist, size).flatten()).view(-1, size, size)
+
+
+def _decay_tables(c: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Powers of the decay c [R] (R = 1 for a scalar lambda, else B) used by the blocked scan with C = size.
+
+    Returns the level-1 and level-2 matrices [R, C, C] (decays c and c^C), tail [R, 1, 1, C]
+    (c^(C - i): from the next sub-chunk's head to token i), head [R, 1, C] (c^((C - n) C): from the
+    next block's head to the head of sub-chunk n) and block [R] (c^(C * C), across a whole block).
+    """
+    steps = size - torch.arange(size, device=c.device, dtype=c.dtype)
+    tail = torch.pow(c[:, None], steps)[:, None, None, :]
+    head = torch.pow(c[:, None], steps * size)[:, None, :]
+    return _triangular_powers(c, size, 1), _triangular_powers(c, size, size), tail, head, torch.pow(c, size * size)
 
 
 def _scan_chunk(d: torch.Tensor, carry: torch.Tensor, tables: tuple[torch.Tensor, ...], scalar: bool) -> torch.Tensor:
     """Reverse discounted scan of d [B, K * C * C] given A at the token after it (carry [B]) -> [B, K * C * C]."""
-    m1t, hops, tail, head, block = tables
-    size = m1t.shape[-1]
+    m1, m2, tail, head, block = tables
+    size = m1.shape[-1]
     batch = d.shape[0]
     num_blocks = d.shape[1] // (size * size)
-    # Level 1: y[k, n, i] = sum_{j >= i} c^(j - i) d[k, n, j], one matmul for the whole chunk.
-    d3 = d.view(batch, num_blocks * size, size)
-    y = (torch.matmul(d3, m1t[0]) if scalar else torch.bmm(d3, m1t)).view(batch, num_blocks, size, size)
-    # Level 2, doubling over each block's sub-chunk heads: s[k, n] = sum_{m >= n} c^((m - n) C) y[k, m, 0].
-    s = y[..., 0].clone()
-    for k in range(hops.shape[1]):
-        step = 2**k
-        s[:, :, : size - step] = torch.addcmul(s[:, :, : size - step], hops[:, k, None, None], s[:, :, step:])
-    # Level 3, right to left over the K blocks: A at the head of block k (the last entry is the carry).
+
+    def matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, m[0]) if scalar else torch.bmm(x, m)
+
+    # Level 1: y[k, n, i] = sum_{j >= i} c^(j - i) d[k, n, j], one matmul for the whole pass.
+    y = matmul(d.view(batch, num_blocks * size, size), m1).view(batch, num_blocks, size, size)
+    # Level 2: s[k, n] = sum_{m >= n} c^((m - n) C) y[k, m, 0], the sub-chunk heads without the next blocks.
+    s = matmul(y[..., 0].contiguous(), m2)  # contiguous first: bmm on the strided view is 4x slower
+    # Level 3, right to left over the K blocks: A at the head of block k (the first entry is the carry).
     block_heads = [carry]
     for k in reversed(range(num_blocks)):
         block_heads.append(torch.addcmul(s[:, k, 0], block, block_heads[-1]))
@@ -173,13 +174,14 @@ def gae(
     m_ext = advantages.new_empty(batch, width + 1)
     v_ext = advantages.new_empty(batch, width + 1)
     carry = advantages.new_zeros(batch)
-    run_ends = advantages.new_zeros(batch)
+    changes = advantages.new_zeros(batch)
     for t0 in reversed(range(0, length, width)):
         t1 = min(t0 + width, length)
         w = t1 - t0
         _load_columns(response_mask, values, t0, t1, m_ext, v_ext)
         m = m_ext[:, :w]
-        run_ends += torch.sub(m, m_ext[:, 1 : w + 1]).clamp_(min=0).sum(dim=1)  # valid, then not
+        # 0/1 changes along the row (the column after T counts as 0): at most 2 for one run of valid tokens.
+        changes += torch.sub(m, m_ext[:, 1 : w + 1]).abs_().sum(dim=1)
         if w < width:
             d.zero_()  # only the rightmost pass is partial: zeros after T and a zero carry are exact
         # delta_t = (r_t - V_t) m_t + gamma V_{t+1} m_{t+1}; V_{t+1} m_{t+1} is 0 on right padding.
@@ -188,7 +190,7 @@ def gae(
         carry = x[:, 0].clone()
         adv = torch.mul(x[:, :w], m, out=advantages[:, t0:t1])
         torch.add(adv, v_ext[:, :w], out=returns[:, t0:t1])
-    bad = (run_ends > 1.5) | bad_lam
+    bad = (changes > 2.5) | bad_lam
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         if bool(bad_lam[row]):
