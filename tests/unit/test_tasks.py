@@ -94,8 +94,8 @@ def test_generation_is_deterministic_and_seeds_differ() -> None:
 
 
 def test_train_and_test_splits_are_disjoint_across_seeds() -> None:
-    train = {p.prompt for seed in (0, 1) for p in generate(1500, seed=seed, split="train")}
-    test = [p.prompt for seed in (0, 1) for p in generate(150, seed=seed, split="test")]
+    train = {p.prompt for seed in (0, 1) for p in generate(1000, seed=seed, split="train")}
+    test = [p.prompt for seed in (0, 1) for p in generate(100, seed=seed, split="test")]
     assert not train & set(test)
     assert all(arithmetic.split_of(prompt) == "test" for prompt in test)
     with pytest.raises(ValueError, match="split"):
@@ -122,3 +122,11 @@ def test_problem_is_frozen() -> None:
     problem = Problem("Compute 1 + 1.", "2", "1 + 1 = 2\nAnswer: 2", 1)
     with pytest.raises(AttributeError):
         problem.prompt = "x"  # type: ignore[misc]
+
+
+def test_the_run_verifier_accepts_every_worked_solution() -> None:
+    reward = pytest.importorskip("shared.reward")
+    for problem in generate(50, seed=9):
+        assert reward.score(problem.solution, problem.ground_truth).correct
+        wrong = problem.solution.rsplit("Answer:", 1)[0] + f"Answer: {int(problem.ground_truth) + 1}"
+        assert not reward.score(wrong, problem.ground_truth).correct
