@@ -54,22 +54,66 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "config": (cmd_config, "print the resolved configuration"),
-    "make-tiny-model": (cmd_make_tiny_model, "build the tiny Qwen2-style model and its char-level tokenizer"),
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Run a health check; `weight-sync` pushes perturbed weights into vLLM and compares log-probs."""
+    from deploy.doctor import cmd_weight_sync
+
+    return cmd_weight_sync(
+        args.model, tolerance=args.tolerance, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint's policy as a Hugging Face directory."""
+    from learner.checkpoint import export_policy
+
+    print(export_policy(args.checkpoint, args.out_dir))
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Run the replay queue service until SIGTERM/SIGINT."""
+    from deploy.launch import open_prompt_source
+    from shared.queue_service import serve
+
+    cfg = _load(args)
+    stats = serve(cfg, open_prompt_source(cfg))
+    print(stats)
+    return 0
+
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("check", choices=["weight-sync"])
+    p.add_argument("--model", default="builtin:tiny", help="model directory, or builtin:tiny")
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_N)")
+    p.add_argument("out_dir")
+
+
+def _tiny_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="output directory (default: the cache directory)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
+    "config": (cmd_config, _add_config_args, "print the resolved configuration"),
+    "queue": (cmd_queue, _add_config_args, "run the replay queue service"),
+    "make-tiny-model": (cmd_make_tiny_model, _tiny_args, "build the tiny Qwen2-style model and its tokenizer"),
+    "doctor": (cmd_doctor, _doctor_args, "health checks (weight-sync: vLLM log-prob parity after a push)"),
+    "export": (cmd_export, _export_args, "export a checkpoint's policy as a Hugging Face directory"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vapo", description="Asynchronous actor-learner RL with VAPO")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "make-tiny-model":
-            p.add_argument("--out", default=None, help="output directory (default: the cache directory)")
-            p.add_argument("--seed", type=int, default=0)
-        else:
-            _add_config_args(p)
+    for name, (_, add_args, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 

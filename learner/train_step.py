@@ -40,7 +40,7 @@ from learner.algo import kl as kl_lib
 from learner.algo import losses, staleness
 from learner.algo.gae import gae, length_adaptive_lambda
 from learner.algo.rewards import token_level_rewards
-from learner.batching import Rollout, collate, pad_right, token_budget_micro_batches
+from learner.batching import Rollout, collate, fixed_count_micro_batches, pad_right, token_budget_micro_batches
 from learner.model import MicroBatch, policy_forward, value_forward
 from shared.config import VapoConfig
 
@@ -110,10 +110,14 @@ class Learner:
         return self._finish_metrics(sums, time.perf_counter() - t0, value_only)
 
     def _micro_batches(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
-        lengths = [rollouts[i].length for i in indices]
-        return [
-            [indices[j] for j in mb] for mb in token_budget_micro_batches(lengths, self.cfg.learner.micro_batch_tokens)
-        ]
+        indices = list(indices)
+        rows = self.cfg.learner.micro_batch_rows
+        if rows > 0:  # the padded baseline: fixed row count, arrival order
+            batches = fixed_count_micro_batches(len(indices), rows)
+        else:
+            lengths = [rollouts[i].length for i in indices]
+            batches = token_budget_micro_batches(lengths, self.cfg.learner.micro_batch_tokens)
+        return [[indices[j] for j in mb] for mb in batches]
 
     def _num_mini_batches(self, local: int) -> int:
         total = int(_all_reduce(torch.tensor(local, dtype=torch.long)).item())

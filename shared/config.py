@@ -212,6 +212,8 @@ class LearnerConfig:
     """Passes over each rollout step's responses."""
     micro_batch_tokens: int = 32768
     """Token budget of one micro-batch (padded length x rows); responses are packed by length."""
+    micro_batch_rows: int = 0
+    """If > 0, fixed micro-batches of this many responses in arrival order instead of token-budget packing."""
     actor_lr: float = 1e-6
     """AdamW learning rate of the policy."""
     critic_lr: float = 2e-6
@@ -238,6 +240,7 @@ class LearnerConfig:
         _positive(self.mini_batch_size, "learner.mini_batch_size")
         _positive(self.ppo_epochs, "learner.ppo_epochs")
         _positive(self.micro_batch_tokens, "learner.micro_batch_tokens")
+        _non_negative(self.micro_batch_rows, "learner.micro_batch_rows")
         _positive(self.actor_lr, "learner.actor_lr")
         _positive(self.critic_lr, "learner.critic_lr")
         _non_negative(self.warmup_steps, "learner.warmup_steps")

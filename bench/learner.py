@@ -1,0 +1,91 @@
+"""Learner throughput: token-budget micro-batching vs fixed-count padded micro-batches, same run.
+
+A long-tailed mix of response lengths (most short, some 10x longer), as long chain-of-thought
+produces. Both arms run the same VAPO train step on the same random-init Qwen2-style model
+(float32, CPU) over the same rollouts; only the micro-batching differs. Prints each arm's
+padding fraction and train tokens/s, then, last, the ratio.
+
+    python3 bench/learner.py [--steps 2] [--responses 128]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts bench/ first on sys.path, where bench/queue.py would shadow the
+# standard library; the repository root goes there instead, so `learner` imports too.
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from learner.batching import Rollout  # noqa: E402
+from learner.model import ValueModel  # noqa: E402
+from learner.train_step import Learner  # noqa: E402
+from shared.config import load_config  # noqa: E402
+
+VOCAB = 512
+
+
+def long_tailed_rollouts(num: int, seed: int) -> list[Rollout]:
+    """90% of responses 16-48 tokens, 10% 10x longer (160-480); groups of 8."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(num):
+        n = int(rng.integers(16, 49)) if rng.random() < 0.9 else int(rng.integers(160, 481))
+        correct = bool(rng.random() < 0.4)
+        out.append(Rollout(rng.integers(3, VOCAB, 16), rng.integers(3, VOCAB, n),
+                           (-4.0 + 0.1 * rng.standard_normal(n)).astype(np.float32),
+                           1.0 if correct else -1.0, correct, i // 8, 0))
+    return out
+
+
+def make_learner(overrides: list[str]) -> Learner:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    policy = Qwen2ForCausalLM(config)
+    torch.manual_seed(1)
+    value = ValueModel(Qwen2ForCausalLM(config).model, config.hidden_size)
+    cfg = load_config([], ["learner.device=cpu", "algo.value_pretrain_steps=0", "rollout.prompts_per_step=16",
+                           "rollout.samples_per_prompt=8", "learner.mini_batch_size=64", *overrides])
+    return Learner(cfg, policy, value, None, pad_id=0, device=torch.device("cpu"))
+
+
+def run_arm(name: str, overrides: list[str], batches: list[list[Rollout]]) -> float:
+    learner = make_learner(overrides)
+    learner.train_step(batches[0])  # warm-up
+    tokens = seconds = 0.0
+    pad = []
+    for batch in batches[1:]:
+        t0 = time.perf_counter()
+        m = learner.train_step(batch)
+        seconds += time.perf_counter() - t0
+        tokens += sum(r.length for r in batch)
+        pad.append(m["train/padding_frac"])
+    rate = tokens / seconds
+    print(f"{name}: padding fraction {np.mean(pad):.3f}, train tokens/s {rate:,.0f}")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--responses", type=int, default=64)
+    args = parser.parse_args()
+    batches = [long_tailed_rollouts(args.responses, seed) for seed in range(args.steps + 1)]
+    budget = run_arm("token-budget (4096 tokens)", ["learner.micro_batch_tokens=4096"], batches)
+    padded = run_arm("fixed-count padded (8 rows)", ["learner.micro_batch_rows=8"], batches)
+    print(f"token-budget/padded train throughput ratio: {budget / padded:.2f}")
+
+
+if __name__ == "__main__":
+    main()
