@@ -20,7 +20,9 @@ Flow control: the queue's memory is bounded by admission control (in flight + qu
 most (S + 1) x prompts per version in steady state) and by `max_queued_groups` /
 `max_queued_bytes`: past them leases are refused (`memory`) and a submit is answered `busy`
 (the actor keeps the group and resends after the hint; its leases stay alive). A slow
-learner therefore slows the actors instead of growing the queue.
+learner therefore slows the actors instead of growing the queue. Set the caps above the
+admission window ((S + 1) x prompts per version groups): below it, a group an actor holds
+back while the queue is full can be overtaken by newer ones and end up dropped as stale.
 
 Failure modes.
 - Malformed, oversized, unauthenticated or wrong-version input is dropped and counted in

@@ -38,7 +38,9 @@ def test_actor_processes_feed_full_batches_with_the_identity_holding_throughout(
         learner.close()
     assert len(trained) == len(set(trained)) == 48
     assert {a for kind, a, *_ in drain(events) if kind == "submit"} == {0, 1, 2}  # every actor contributed
-    assert stats.identity_holds() and stats.rejected == {} and stats.dropped_stale == 0
+    # dropped_stale is not asserted: an actor process the OS leaves unscheduled for two steps is
+    # overtaken and its group is (rightly) dropped; that is the staleness gate's job, tested elsewhere.
+    assert stats.identity_holds() and stats.rejected == {}
     assert final["stats"].identity_holds()
 
 
@@ -59,14 +61,19 @@ def test_a_slow_learner_backpressures_the_actors_instead_of_growing_the_queue() 
     settings = ClientSettings.from_config(cfg)
     with queue_thread(cfg, ListSource(10_000)), actors(settings, [ActorPlan(i) for i in range(2)]):
         learner = LearnerClient(settings)
+        while learner.stats().num_actors < 2:
+            time.sleep(0.05)
         for _ in range(10):  # the learner is busy elsewhere for a second
             stats = learner.stats()
             assert stats.queued <= 6 and stats.in_flight + stats.queued <= (1 + 1) * 4
             time.sleep(0.1)
         assert stats.queued == 6 and stats.leased <= 8  # memory capped what was taken (a full window is 8)
         for version in range(4):  # once it consumes, everything flows again
-            assert len(learner.get_batch(4, timeout_s=10).groups) == 4
+            batch = learner.get_batch(4, timeout_s=10)
+            assert len(batch.groups) == 4 and all(version - g.policy_version <= 1 for g in batch.groups)
             learner.publish_version(version + 1)
         stats = learner.stats()
-        assert stats.identity_holds() and stats.consumed == 16 and stats.dropped_stale == 0
+        # A group held back by `busy` can be overtaken and go stale (the memory cap is below the
+        # window of 8 here), so dropped_stale may be nonzero; lags and books stay right.
+        assert stats.identity_holds() and stats.consumed == 16
         learner.close()
