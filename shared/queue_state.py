@@ -25,6 +25,8 @@ this is the issue's `in_flight + queued <= (S + 1) P`; tying it to v as well is 
 S = 0 exactly synchronous: after the learner takes batch v nothing more is admitted until it
 publishes v + 1. An actor is also refused (`stale_weights`) when its weights are older than
 the version its slot will be consumed at minus S, so it fetches weights before it generates.
+The rule bounds the work in flight, not each lease's lag: a straggler holding one slot for
+several steps is overtaken by faster actors, and its group is then dropped at the gate.
 
 Staleness gate. A group's version_lag is the learner's version at hand-out minus the
 group's `policy_version` (the oldest version of any of its tokens). Groups with lag > S are
