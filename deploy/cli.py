@@ -54,6 +54,37 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train: a local Ray instance (or deploy.ray_address) with the queue, learner rank(s) and actors."""
+    import logging
+
+    from deploy.launch import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    summary = train(_load(args))
+    stats = summary["queue_stats"]
+    print(f"done: {summary['steps']} steps, policy version {summary['version']}, MLflow run {summary['run_id']}")
+    if stats is not None:
+        print(
+            f"queue: leased {stats.leased} consumed {stats.consumed} dropped_stale {stats.dropped_stale} "
+            f"filtered {stats.filtered} identity holds: {stats.identity_holds()}"
+        )
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Change the number of actors of the running job."""
+    from deploy.launch import scale
+
+    print(scale(args.num_actors, args.address))
+    return 0
+
+
+def _scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("num_actors", type=int)
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Run a health check; `weight-sync` pushes perturbed weights into vLLM and compares log-probs."""
     from deploy.doctor import cmd_weight_sync
@@ -101,6 +132,8 @@ def _tiny_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
+    "train": (cmd_train, _add_config_args, "train (queue, learner ranks and actors on Ray)"),
+    "scale": (cmd_scale, _scale_args, "change the number of actors of the running job"),
     "config": (cmd_config, _add_config_args, "print the resolved configuration"),
     "queue": (cmd_queue, _add_config_args, "run the replay queue service"),
     "make-tiny-model": (cmd_make_tiny_model, _tiny_args, "build the tiny Qwen2-style model and its tokenizer"),

@@ -154,17 +154,28 @@ def build_learner(cfg: VapoConfig, model_path: str, device: torch.device) -> Lea
 
 
 def push_weights(learner: Learner, pusher: WeightPusher | None, source: BatchSource | None, version: int) -> float:
-    """All ranks gather; rank 0 announces `version` and broadcasts. Returns rank 0's seconds."""
+    """All ranks gather; rank 0 announces `version` and broadcasts. Returns rank 0's seconds.
+
+    With one rank the pusher gets a function that re-reads the parameters, so a push that lost
+    an actor can be retried on the rebuilt group; with several, rank 0 keeps the gathered full
+    tensors of this push on CPU (the model's size) for the same reason, since the other ranks
+    cannot join a second gather.
+    """
     t0 = time.perf_counter()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    params = iter_full_params(learner.policy)
     if is_rank0 and source is not None:
         source.publish_version(version)  # actors see it and enter the receive; admission control moves on
-    if is_rank0 and pusher is not None:
-        pusher.push(params, version)
-    else:
-        for _ in params:  # the other ranks (and a learner without actors) still take part in the gathers
+    if world == 1:
+        if pusher is not None:
+            pusher.push(lambda: iter_full_params(learner.policy), version)
+        return time.perf_counter() - t0
+    gathered = [(name, t.cpu()) for name, t in iter_full_params(learner.policy)] if is_rank0 else None
+    if gathered is None:
+        for _ in iter_full_params(learner.policy):  # the other ranks take part in the gathers
             pass
+    elif pusher is not None:
+        pusher.push(lambda: iter(gathered), version)
     return time.perf_counter() - t0
 
 

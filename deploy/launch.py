@@ -1,0 +1,413 @@
+"""The Ray launcher: places the replay queue, the learner ranks and the actors, watches them, scales actors.
+
+The only module that imports Ray. `train(cfg)` is what `vapo train CONFIG` runs:
+
+1. resolve paths (the tiny model is built on first use; relative run and MLflow paths become
+   absolute, since Ray workers do not share the driver's working directory);
+2. `ray.init` (a local instance unless `deploy.ray_address`); a placement group reserves every
+   learner rank's CPUs/GPUs together, so a run that cannot fit fails at once with the resources
+   it asked for rather than hanging half-started;
+3. the queue (a Ray actor running `shared.queue_service.serve` in a thread; on resume it starts
+   from the checkpoint's cursor and version), the learner ranks (rank 0 owns the queue client,
+   the weight-group membership manager and the MLflow run) and the controller, a named Ray
+   actor (`vapo-controller`) that starts the rollout actors, restarts dead ones and changes
+   their number while the run goes on (`vapo scale N`, `deploy/start_cluster.sh scale N`);
+4. progress lines (step, reward, accuracy, length, version lag, tokens/s, ETA) until the learner
+   finishes; then the actors and the queue are stopped and the run is closed.
+
+Actors and learner ranks run their loops in a thread of a threaded Ray actor, so health checks and
+progress queries are answered while they work. A dead rollout actor is detected by its health
+check (the Ray actor died, or its loop ended with an error) and replaced under the same id: its
+leases expire in the queue and are re-issued, and the new process registers with the learner's
+weight group and receives the current weights before it generates.
+
+Failure modes: a dead learner rank ends the run with an error (restart with `resume=true`);
+no Ray cluster at `deploy.ray_address`, a missing model path or a port in use fail before anything
+starts, with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from shared.config import VapoConfig
+
+log = logging.getLogger("vapo.launch")
+CONTROLLER_NAME = "vapo-controller"
+NAMESPACE = "vapo"
+
+
+# ---- paths and checks (plain functions, no Ray) ------------------------------------------
+
+
+def resolve_model_path(path: str) -> str:
+    """`builtin:tiny` -> the tiny model's directory (built on first use); a directory must exist."""
+    if path == "builtin:tiny":
+        from learner.tiny_model import build_tiny_model, default_tiny_model_dir
+
+        return str(build_tiny_model(default_tiny_model_dir()))
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        return path  # a hub id; loading it needs network access
+    raise ValueError(f"model.path {path!r} does not exist")
+
+
+def absolute_paths(cfg: VapoConfig) -> VapoConfig:
+    """The config with run_dir and a relative sqlite tracking URI made absolute."""
+    tracking = cfg.tracking
+    uri = tracking.resolved_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return dataclasses.replace(
+        cfg, run_dir=str(Path(cfg.run_dir).resolve()), tracking=dataclasses.replace(tracking, tracking_uri=uri)
+    )
+
+
+def check_ports_free(cfg: VapoConfig) -> None:
+    """Fail with one line when a port this run binds is taken."""
+    for key, host, port in (
+        ("queue.port", cfg.queue.host, cfg.queue.port),
+        ("queue.pub_port", cfg.queue.host, cfg.queue.pub_port),
+        ("sync.master_port", cfg.sync.master_addr, cfg.sync.master_port),
+    ):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise ValueError(f"{key}={port} on {host} is not free ({e.strerror})") from None
+
+
+def open_prompt_source(cfg: VapoConfig):  # -> shared.data.PromptSource
+    """The training prompts of `cfg.data` in their seeded, resumable order."""
+    from shared.data import PromptSource, load_records
+
+    d = cfg.data
+    records = load_records(
+        d.train_path,
+        prompt_key=d.prompt_key,
+        answer_key=d.answer_key,
+        source_key=d.source_key,
+        split="train",
+        num=d.builtin_train_size if d.train_path.startswith("builtin:") else None,
+        seed=cfg.seed,
+    )
+    return PromptSource(records, seed=cfg.seed, shuffle=d.shuffle)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- Ray actors ---------------------------------------------------------------------------
+
+
+@ray.remote(max_concurrency=4)
+class QueueProcess:
+    """The replay queue service, in a thread of this Ray actor."""
+
+    def __init__(self, cfg: VapoConfig, cursor: dict | None, version: int) -> None:
+        from shared.queue_service import serve
+
+        self._stop = threading.Event()
+        self._result: Any = None
+
+        def run() -> None:
+            self._result = serve(
+                cfg, open_prompt_source(cfg), stop_event=self._stop, cursor=cursor, initial_version=version
+            )
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> Any:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self._result
+
+
+@ray.remote(max_concurrency=4)
+class RolloutWorker:
+    """One rollout actor (vLLM engine + loop), in a thread of this Ray actor."""
+
+    def __init__(self, cfg: VapoConfig, actor_id: int, model_path: str) -> None:
+        self.cfg, self.actor_id, self.model_path = cfg, actor_id, model_path
+        self._stop = threading.Event()
+        self.error: str | None = None
+        self.report: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from actors.main import run_actor
+
+        try:
+            self.report = run_actor(self.cfg, self.actor_id, model_path=self.model_path, stop_event=self._stop)
+        except Exception as e:  # reported to the controller, which restarts this actor
+            log.exception("actor %d failed", self.actor_id)
+            self.error = f"{type(e).__name__}: {e}"
+
+    def health(self) -> dict[str, Any]:
+        return {"alive": self._thread.is_alive(), "error": self.error, "pid": os.getpid()}
+
+    def stop(self) -> Any:
+        self._stop.set()
+        self._thread.join(timeout=120)
+        return dataclasses.asdict(self.report) if self.report is not None else None
+
+
+@ray.remote(max_concurrency=4)
+class LearnerRank:
+    """One learner rank: joins the learner process group, then runs `learner.main.run_learner`."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def run(self, cfg: VapoConfig, rank: int, world: int, init_method: str, model_path: str) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        from learner.main import run_learner
+
+        use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        backend = cfg.learner.backend if cfg.learner.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        source = pusher = tracker = None
+        try:
+            if rank == 0:
+                from learner.weight_sync import MembershipManager
+                from shared.queue_client import ClientSettings, LearnerClient
+                from shared.tracking import Tracker
+
+                source = LearnerClient(ClientSettings.from_config(cfg))
+                sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if use_cuda else "gloo")
+                pusher = MembershipManager.from_config(cfg.sync, sync_backend)
+                tracker = Tracker(cfg) if cfg.tracking.enabled else None
+
+            def on_step(metrics: dict[str, float]) -> None:
+                self.latest = metrics
+                self.history.append(metrics)
+
+            report = run_learner(
+                cfg,
+                model_path=model_path,
+                source=source,
+                pusher=pusher,
+                device=device,
+                tracker=tracker,
+                on_step=on_step,
+            )
+            if tracker is not None:
+                tracker.close()
+            return {
+                "steps": report.steps,
+                "version": report.version,
+                "run_id": tracker.run_id if tracker is not None else None,
+            }
+        finally:
+            if pusher is not None:
+                pusher.close()
+            if source is not None:
+                source.close()
+            dist.destroy_process_group()
+
+    def progress(self) -> dict[str, float]:
+        return self.latest
+
+
+@ray.remote(max_concurrency=8)
+class Controller:
+    """Starts, watches, restarts and scales the rollout actors of a run (a named Ray actor)."""
+
+    def __init__(self, cfg: VapoConfig, model_path: str) -> None:
+        self.cfg, self.model_path = cfg, model_path
+        self.workers: dict[int, Any] = {}
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _start(self, actor_id: int) -> None:
+        d = self.cfg.deploy
+        self.workers[actor_id] = RolloutWorker.options(
+            num_cpus=d.actor_cpus,
+            num_gpus=d.actor_gpus * self.cfg.actors.tensor_parallel_size,
+            name=f"vapo-actor-{actor_id}",
+            namespace=NAMESPACE,
+        ).remote(self.cfg, actor_id, self.model_path)
+
+    def scale(self, num_actors: int) -> list[int]:
+        """Start or stop actors so that `num_actors` run; returns their ids."""
+        with self._lock:
+            while len(self.workers) < num_actors:
+                self._start(max(self.workers, default=-1) + 1)
+            while len(self.workers) > num_actors:
+                actor_id = max(self.workers)
+                worker = self.workers.pop(actor_id)
+                ray.get(worker.stop.remote(), timeout=180)
+                ray.kill(worker)
+            return sorted(self.workers)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.cfg.deploy.health_check_s):
+            with self._lock:
+                for actor_id, worker in list(self.workers.items()):
+                    try:
+                        health = ray.get(worker.health.remote(), timeout=30)
+                        dead = not health["alive"] and health["error"] is not None
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                        dead = True
+                    if dead and self.cfg.deploy.restart_actors and not self._stop.is_set():
+                        log.warning("actor %d is dead; restarting it", actor_id)
+                        ray.kill(worker)
+                        self.restarts += 1
+                        self._start(actor_id)
+
+    def status(self) -> dict[str, Any]:
+        return {"actors": sorted(self.workers), "restarts": self.restarts}
+
+    def kill_actor(self, actor_id: int) -> None:
+        """Kill an actor's process without notice (fault tests; the watcher restarts it)."""
+        ray.kill(self.workers[actor_id])
+
+    def stop_all(self) -> list[Any]:
+        self._stop.set()
+        with self._lock:
+            reports = []
+            for worker in self.workers.values():
+                try:
+                    reports.append(ray.get(worker.stop.remote(), timeout=180))
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    reports.append(None)
+            self.workers.clear()
+            return reports
+
+
+# ---- the driver ---------------------------------------------------------------------------
+
+
+def _init_ray(cfg: VapoConfig) -> None:
+    if cfg.deploy.ray_address is None:
+        needed = cfg.learner.num_ranks * cfg.deploy.learner_cpus + cfg.actors.num_actors * cfg.deploy.actor_cpus + 2
+        ray.init(
+            num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+        return
+    try:
+        ray.init(address=cfg.deploy.ray_address, namespace=NAMESPACE, log_to_driver=True)
+    except ConnectionError as e:
+        raise ValueError(f"deploy.ray_address={cfg.deploy.ray_address}: no Ray cluster there ({e})") from None
+
+
+def _placement(cfg: VapoConfig):
+    from ray.util.placement_group import placement_group
+
+    d = cfg.deploy
+    bundle = {"CPU": d.learner_cpus, **({"GPU": d.learner_gpus} if d.learner_gpus else {})}
+    pg = placement_group([dict(bundle) for _ in range(cfg.learner.num_ranks)], strategy="PACK")
+    if not pg.wait(timeout_seconds=60):
+        ray.util.remove_placement_group(pg)
+        raise ValueError(
+            f"not enough resources for {cfg.learner.num_ranks} learner rank(s) of {bundle} "
+            f"(cluster has {ray.available_resources()})"
+        )
+    return pg
+
+
+def _progress_line(m: dict[str, float], total: int, started: float, first_step: int) -> str:
+    step = int(m.get("train/version", 0))
+    done = max(step - first_step, 1)
+    eta = (time.time() - started) / done * max(total - step, 0)
+    return (
+        f"step {step}/{total} | reward {m.get('rollout/reward_mean', 0):+.3f} | acc {m.get('rollout/acc', 0):.3f}"
+        f" | len {m.get('rollout/len_mean', 0):.0f} | lag {m.get('async/version_lag_mean', 0):.2f}"
+        f" | gen tok/s {m.get('perf/gen_tokens_per_s', 0):,.0f}"
+        f" | train tok/s {m.get('perf/train_tokens_per_s', 0):,.0f}"
+        f" | ETA {eta / 60:.1f} min"
+    )
+
+
+def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
+    """Run a whole training job on Ray; returns the learner's summary and the final queue stats."""
+    from learner import checkpoint
+
+    cfg = absolute_paths(cfg)
+    model_path = resolve_model_path(cfg.model.path)
+    check_ports_free(cfg)
+    cursor, version = None, 0
+    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume else None
+    if ckpt is not None:
+        meta = checkpoint.read_meta(ckpt)
+        cursor, version = meta["data_cursor"], int(meta["version"])
+    _init_ray(cfg)
+    pg = None
+    try:
+        pg = _placement(cfg)
+        queue = QueueProcess.options(num_cpus=0, name="vapo-queue").remote(cfg, cursor, version)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ranks = [
+            LearnerRank.options(
+                num_cpus=cfg.deploy.learner_cpus,
+                num_gpus=cfg.deploy.learner_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
+            ).remote()
+            for i in range(cfg.learner.num_ranks)
+        ]
+        master = ray.get(ranks[0].node_ip.remote())
+        init_method = f"tcp://{master}:{_free_port()}"
+        runs = [r.run.remote(cfg, i, len(ranks), init_method, model_path) for i, r in enumerate(ranks)]
+        controller = Controller.options(name=CONTROLLER_NAME, num_cpus=0, lifetime=None).remote(cfg, model_path)
+        ray.get(controller.scale.remote(cfg.actors.num_actors))
+        started, last_step = time.time(), -1
+        first_step = checkpoint.read_meta(ckpt)["step"] if ckpt is not None else 0
+        while True:
+            ready, _ = ray.wait(runs, num_returns=len(runs), timeout=5.0)
+            m = ray.get(ranks[0].progress.remote())
+            if m and int(m.get("train/version", -1)) != last_step:
+                last_step = int(m["train/version"])
+                on_progress(_progress_line(m, cfg.learner.total_steps, started, first_step))
+            if len(ready) == len(runs):
+                break
+        summary = ray.get(runs[0])
+        summary["controller"] = ray.get(controller.status.remote())
+        summary["actor_reports"] = ray.get(controller.stop_all.remote())
+        summary["queue_stats"] = ray.get(queue.stop.remote())
+        return summary
+    finally:
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
+        ray.shutdown()
+
+
+def scale(num_actors: int, address: str = "auto") -> list[int]:
+    """Change the number of rollout actors of the running job (through its named controller)."""
+    ray.init(address=address, namespace=NAMESPACE)
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise ValueError("no running vapo job on this Ray cluster (controller not found)") from None
+    return ray.get(controller.scale.remote(num_actors))
