@@ -94,19 +94,19 @@ def test_a_late_duplicate_is_discarded_and_counted() -> None:
 
 
 def test_heartbeats_keep_a_slow_actor_leases_alive() -> None:
-    cfg = make_cfg(lease_timeout_s=0.3)
+    cfg = make_cfg(lease_timeout_s=0.5)
     settings = ClientSettings.from_config(cfg)
     with queue_thread(cfg, ListSource(100)):
         client = ActorClient(settings, actor_id=1)
         leases = client.lease(2, 0).leases
         client.start_heartbeat(0.05)
-        time.sleep(1.0)  # a long generation
+        time.sleep(1.5)  # a long generation: three lease timeouts
         assert _submit_all(client, leases, 1) == ["accepted", "accepted"]
         client.close()
 
 
 def test_clients_survive_a_queue_restart() -> None:
-    cfg = make_cfg(max_staleness=1, prompts_per_step=4)
+    cfg = make_cfg(max_staleness=1, prompts_per_step=4, request_timeout_s=3.0)  # a process start can be slow
     settings = ClientSettings.from_config(cfg)
     proc, _ = start_service_process(cfg)
     actor, learner = ActorClient(settings, actor_id=1), LearnerClient(settings)
@@ -118,7 +118,7 @@ def test_clients_survive_a_queue_restart() -> None:
     call.start()  # a request made while the queue is down...
     time.sleep(0.6)
     proc, _ = start_service_process(cfg)  # ...is answered by the new queue
-    call.join(10)
+    call.join(20)
     assert len(pending["reply"].leases) == 2
     stats = learner.stats()
     assert stats.leased == 2 and stats.identity_holds()

@@ -66,8 +66,8 @@ def free_port() -> int:
 def make_cfg(*, max_staleness: int = 1, prompts_per_step: int = 4, group_size: int = 2,
              dynamic_sampling: bool = False, **queue: Any) -> VapoConfig:
     """A small, fast configuration on free loopback ports."""
-    q = {"port": free_port(), "pub_port": free_port(), "max_staleness": max_staleness, "lease_timeout_s": 0.5,
-         "request_timeout_s": 0.5, "retry_after_s": 0.01, "publish_interval_s": 0.05, **queue}
+    q = {"port": free_port(), "pub_port": free_port(), "max_staleness": max_staleness, "lease_timeout_s": 5.0,
+         "request_timeout_s": 1.0, "retry_after_s": 0.01, "publish_interval_s": 0.05, **queue}
     return VapoConfig(queue=QueueConfig(**q),
                       rollout=RolloutConfig(prompts_per_step=prompts_per_step, samples_per_prompt=group_size),
                       learner=LearnerConfig(mini_batch_size=group_size),
