@@ -57,8 +57,9 @@ def test_vapo_train_smoke(tmp_path: Path) -> None:
     assert [s for s, _ in history["loss/policy"]] == [2, 3]  # step 1 was value pretraining
     assert all(v <= 1 for _, v in history["async/version_lag_max"])
 
-    from learner.checkpoint import export_policy, latest
     from transformers import AutoModelForCausalLM
+
+    from learner.checkpoint import export_policy, latest
 
     trained = AutoModelForCausalLM.from_pretrained(export_policy(latest(tmp_path / "run"), tmp_path / "out"))
     initial = AutoModelForCausalLM.from_pretrained(model)
