@@ -82,6 +82,7 @@ class WeightFollower:
         self.num_rejected = 0
         self.latest: wp.GroupSpec | None = None
         """The latest spec read."""
+        self._rejected = b""
         self._store: dist.TCPStore | None = None
 
     # --- store connection and registration ----------------------------------------------------------------
@@ -158,9 +159,13 @@ class WeightFollower:
         """The learner's latest group spec; None when there is none yet or it does not decode."""
         if not self.store.check([wp.GROUP_SPEC_KEY]):
             return None
+        raw = self.store.get(wp.GROUP_SPEC_KEY)
+        if raw == self._rejected:
+            return None
         try:
-            self.latest = wp.decode_spec(self.store.get(wp.GROUP_SPEC_KEY))
+            self.latest = wp.decode_spec(raw)
         except ValueError as e:
+            self._rejected = raw  # counted and logged once, however often it is read again
             self.num_rejected += 1
             log.warning("ignoring a malformed group spec (%d so far): %s", self.num_rejected, e)
             return None

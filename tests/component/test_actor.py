@@ -15,21 +15,48 @@ engine (the file starts at most these two engines).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import zmq
 
 from actors.membership import WeightFollower
-from deploy.doctor import free_port
+from deploy.doctor import free_port, hf_logprobs, perturb_
 from learner.weight_sync import MembershipManager
 from shared import weight_protocol as wp
+from shared.config import (
+    ActorConfig,
+    LearnerConfig,
+    ModelConfig,
+    QueueConfig,
+    RolloutConfig,
+    SyncConfig,
+    VapoConfig,
+    to_yaml,
+)
+from shared.data import PromptSource, load_records
+from shared.queue_client import ClientSettings, LearnerClient
+from shared.queue_service import serve
+from shared.types import RolloutGroup
 
 HOST = "127.0.0.1"
+SPAWN = multiprocessing.get_context("spawn")
 
 
 class GlooEngine:
@@ -259,3 +286,225 @@ def test_a_follower_waits_for_the_store_and_times_out_without_one() -> None:
     finally:
         started.join()
         holder[0].close()
+
+
+# --- the actor loop against the real queue, a learner played by the test, and vLLM engines -------------------
+
+TOL = 1e-4
+G = 4
+
+
+def _actor_config(model_dir: str, **queue: object) -> VapoConfig:
+    """A small run on free loopback ports: G responses of up to 24 tokens, 2 prompts per lease."""
+    return VapoConfig(
+        model=ModelConfig(path=model_dir),
+        rollout=RolloutConfig(prompts_per_step=4, samples_per_prompt=G, max_new_tokens=24, max_prompt_tokens=64,
+                              temperature=1.0),
+        learner=LearnerConfig(mini_batch_size=4),
+        actors=ActorConfig(prompts_per_lease=2, max_num_seqs=16),
+        queue=QueueConfig(port=free_port(), pub_port=free_port(), max_staleness=1, lease_timeout_s=30.0,
+                          request_timeout_s=1.0, retry_after_s=0.05, publish_interval_s=0.1, **queue),
+        sync=SyncConfig(master_port=free_port(), timeout_s=60.0),
+    )
+
+
+def _bad_broadcasts() -> list[list[bytes]]:
+    """Broadcasts the actors must ignore: garbage, a wrong schema, an unknown command, a negative version, ..."""
+    state = {"schema": 1, "kind": "state", "version": 99, "command": "stop"}
+    return [[b"\x00garbage"], [msgpack.packb({**state, "schema": 2})], [msgpack.packb({**state, "command": "boom"})],
+            [msgpack.packb({**state, "version": -1})], [msgpack.packb({**state, "kind": "leases"})],
+            [msgpack.packb({**state, "extra": 1})], [msgpack.packb(state), b"unexpected frame"]]
+
+
+@contextlib.contextmanager
+def _broadcast_proxy(upstream_port: int, port: int) -> Iterator[dict[str, int]]:
+    """Relays the queue's broadcasts to `port`, each preceded by the malformed ones of `_bad_broadcasts`."""
+    ctx = zmq.Context.instance()
+    sub, pub = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://{HOST}:{upstream_port}")
+    pub.bind(f"tcp://{HOST}:{port}")
+    counts = {"relayed": 0, "malformed": 0}
+    stop = threading.Event()
+
+    def relay() -> None:
+        while not stop.is_set():
+            if not sub.poll(50):
+                continue
+            frames = sub.recv_multipart()
+            for bad in _bad_broadcasts():
+                pub.send_multipart(bad)
+                counts["malformed"] += 1
+            pub.send_multipart(frames)
+            counts["relayed"] += 1
+
+    thread = threading.Thread(target=relay, name="broadcast-proxy", daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(5)
+        sub.close(0)
+        pub.close(0)
+
+
+def _serve_queue(cfg: VapoConfig, initial_version: int) -> None:
+    """The replay queue as its own process (as `vapo queue` runs it), on the built-in arithmetic prompts."""
+    source = PromptSource(load_records("builtin:arithmetic", num=400, seed=0), seed=0)
+    serve(cfg, source, initial_version=initial_version)
+
+
+def _start_queue(cfg: VapoConfig, initial_version: int = 0) -> multiprocessing.process.BaseProcess:
+    proc = SPAWN.Process(target=_serve_queue, args=(cfg, initial_version), name="queue", daemon=True)
+    proc.start()
+    return proc
+
+
+def _take(learner: LearnerClient, want: Callable[[list[RolloutGroup]], bool], timeout_s: float = 240.0,
+          ) -> list[RolloutGroup]:
+    """Batches of 2 groups until `want(all groups so far)` holds; returns all of them."""
+    groups: list[RolloutGroup] = []
+    deadline = time.monotonic() + timeout_s
+    while not want(groups):
+        assert time.monotonic() < deadline, f"no such groups within {timeout_s}s; got {len(groups)}"
+        with contextlib.suppress(TimeoutError):
+            groups += learner.get_batch(2, timeout_s=5.0).groups
+    return groups
+
+
+def _check_groups(groups: list[RolloutGroup], reference: torch.nn.Module, cfg: VapoConfig) -> float:
+    """Shapes, rewards and versions of each group; returns the max |behavior - transformers| log-prob."""
+    worst = 0.0
+    for g in groups:
+        assert g.num_responses == G and len(g.finish_reasons) == G
+        assert len(g.behavior_logprobs) == len(g.token_ids) == len(g.token_versions) == g.num_tokens
+        assert set(g.token_versions.tolist()) <= {g.policy_version}
+        assert set(g.rewards.tolist()) <= {cfg.reward.correct, cfg.reward.wrong}
+        assert np.array_equal(g.rewards, np.where(g.correct, cfg.reward.correct, cfg.reward.wrong))
+        assert all(1 <= n <= cfg.rollout.max_new_tokens for n in g.response_lengths)
+        assert g.gen_seconds > 0 and g.gen_started_at > 0 and g.reward_seconds >= 0
+        prompt = g.prompt_token_ids.tolist()
+        for i in range(g.num_responses):
+            tokens, behavior, _ = g.response(i)
+            expected = hf_logprobs(reference, [prompt + tokens.tolist()])[0][len(prompt) - 1 :]
+            worst = max(worst, float(np.max(np.abs(behavior - expected))))
+    return worst
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    perturb_(out, seed)
+    return out
+
+
+def _start_actor_process(cfg: VapoConfig, actor_id: int, model_dir: str, tmp: Path) -> subprocess.Popen:
+    """`python -m actors.main CONFIG --actor-id N --model-path DIR`, logging to files under `tmp`."""
+    config = tmp / f"actor{actor_id}.yaml"
+    config.write_text(to_yaml(cfg))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "actors.main", str(config), "--actor-id", str(actor_id), "--model-path", model_dir]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=(tmp / f"actor{actor_id}.out").open("w"),
+                            stderr=(tmp / f"actor{actor_id}.err").open("w"))
+
+
+def test_actors_generate_follow_weights_and_survive_faults(random_engine, random_model_dir, tmp_path) -> None:
+    """Leases -> groups; push v1 (applied, parity); actor 1 joins (rebuild, both get v2); bad control; queue crash."""
+    from actors.main import run_actor
+
+    live, model_dir = random_engine, str(random_model_dir)
+    cfg = _actor_config(model_dir)
+    actor_cfg = dataclasses.replace(cfg, queue=dataclasses.replace(cfg.queue, pub_port=free_port()))
+    manager = MembershipManager(HOST, cfg.sync.master_port, timeout_s=60.0, bucket_bytes=1 << 20)
+    learner = LearnerClient(ClientSettings.from_config(cfg))
+    stop0, result0 = threading.Event(), {}
+    actor0 = threading.Thread(target=lambda: result0.update(report=run_actor(
+        actor_cfg, 0, model_path=model_dir, stop_event=stop0, engine=live.engine)), name="actor-0", daemon=True)
+    queue, proc = _start_queue(cfg), None
+    t_start = time.perf_counter()
+    try:
+        with _broadcast_proxy(cfg.queue.pub_port, actor_cfg.queue.pub_port) as relayed:
+            actor0.start()
+            proc = _start_actor_process(actor_cfg, 1, model_dir, tmp_path)  # its engine starts meanwhile
+
+            # version 0: actor 0 starts from model.path at once; G responses per leased prompt
+            groups = _take(learner, lambda gs: len(gs) >= 2)
+            assert {g.actor_id for g in groups} == {0} and {g.policy_version for g in groups} == {0}
+            assert _check_groups(groups, live.reference, cfg) < TOL
+            t_v0 = time.perf_counter() - t_start
+
+            # version 1: published through the queue, then pushed; later groups carry it and match the new weights
+            v1 = _perturbed(live.reference, seed=61)
+            learner.publish_version(1)
+            report = manager.push(lambda: v1.named_parameters(), 1)
+            assert report.ok and 0 in report.members
+            live.reference = v1
+            groups = _take(learner, lambda gs: any(g.policy_version == 1 for g in gs))
+            worst = _check_groups([g for g in groups if g.policy_version == 1], v1, cfg)
+            print(f"version 1 groups: max |behavior - transformers| log-prob {worst:.3g}")
+            assert worst < TOL
+            assert all(g.policy_version >= 1 for g in groups if g.actor_id == 1)
+
+            manager.sender.store.set(wp.GROUP_SPEC_KEY, "garbled spec")  # ignored by the actors
+
+            # actor 1 registers once its engine is up: the next push rebuilds the group and both get version 2
+            _until(lambda: 1 in [m.actor_id for m in manager.registered()] or proc.poll() is not None, 300.0)
+            assert proc.poll() is None, (tmp_path / "actor1.err").read_text()[-3000:]
+            t_join = time.perf_counter() - t_start
+            v2 = _perturbed(v1, seed=62)
+            learner.publish_version(2)
+            report = manager.push(lambda: v2.named_parameters(), 2)
+            assert report.ok and report.members == (0, 1) and report.rebuilds >= 1
+            live.reference = v2
+            groups = _take(learner, lambda gs: {0, 1} <= {g.actor_id for g in gs if g.policy_version == 2})
+            assert all(g.policy_version == 2 for g in groups if g.actor_id == 1)  # actor 1 waited for the weights
+            worst = _check_groups([g for g in groups if g.policy_version == 2], v2, cfg)
+            print(f"version 2 groups of both actors: max |behavior - transformers| log-prob {worst:.3g}")
+            assert worst < TOL
+
+            # the queue crashes and comes back on the same ports at the learner's version: both actors carry on
+            queue.kill()
+            queue.join()
+            t0 = time.perf_counter()
+            queue = _start_queue(cfg, initial_version=2)
+            groups = _take(learner, lambda gs: {0, 1} <= {g.actor_id for g in gs})
+            assert {g.policy_version for g in groups} == {2}
+            t_restart = time.perf_counter() - t0
+
+            learner.stop()  # the actors are told to stop
+            actor0.join(60)
+            assert not actor0.is_alive()
+            assert proc.wait(120) == 0, (tmp_path / "actor1.err").read_text()[-3000:]
+        assert relayed["malformed"] > 0
+
+        r0 = result0["report"]
+        r1 = json.loads((tmp_path / "actor1.out").read_text().strip().splitlines()[-1])
+        print(f"actor 0: {r0.groups} groups, {r0.num_tokens} tokens, {r0.tokens_per_s:.0f} tokens/s, idle "
+              f"{r0.idle_seconds:.1f}s of {r0.wall_seconds:.1f}s; actor 1: {r1['groups']} groups, "
+              f"{r1['tokens_per_s']:.0f} tokens/s; first batch at {t_v0:.0f}s, actor 1 registered at {t_join:.0f}s, "
+              f"first batch after the queue restart in {t_restart:.1f}s")
+        assert r0.exit_reason == "stop" and r0.weight_updates == 2 and r0.version == 2 and r0.rejected_specs == 1
+        assert r0.groups > 0 and r0.num_tokens > 0 and r0.tokens_per_s > 0 and r0.failed_updates == 0
+        assert r1["exit_reason"] == "stop" and r1["weight_updates"] == 1 and r1["version"] == 2
+        assert r1["groups"] > 0
+    finally:
+        stop0.set()
+        actor0.join(60)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        queue.terminate()
+        queue.join(15)
+        learner.close()
+        manager.close()
+
+
+def test_update_mode_during_and_unresolved_models_are_refused_at_start(random_model_dir) -> None:
+    from actors.main import main, run_actor
+
+    cfg = VapoConfig(actors=ActorConfig(update_mode="during"))
+    with pytest.raises(ValueError, match="actors.update_mode=during is not implemented yet"):
+        run_actor(cfg, 0, model_path=str(random_model_dir))
+    with pytest.raises(ValueError, match="must be resolved to a directory first"):
+        main(["model.path=builtin:tiny", "--actor-id", "0"])

@@ -1,0 +1,368 @@
+"""The actor process: lease prompts, sample G responses each with vLLM, score, submit groups, follow the weights.
+
+`python -m actors.main CONFIG [key=value ...] --actor-id N [--model-path DIR]` runs one actor;
+`run_actor(cfg, actor_id, model_path=...)` is the same loop for launchers and tests.
+
+Set up: tokenizer, engine (seed `rollout.seed + actor_id`; float32 with a directly sized KV
+cache on CPU), two queue clients sharing one incarnation (the loop's, and the scoring thread's,
+since a client is used from one thread), a heartbeat thread, the verifier's child process, and
+the registration with the learner's weight-group store (`actors.membership`).
+
+Loop, reading top to bottom in `ActorLoop.run`:
+1. control: the latest broadcast (stop exits; pause waits; a newer version announces a push);
+2. weights: take part in every push whose spec lists this actor (join the generation when
+   it changed, receive, take the version). When the learner announced a version newer than
+   the actor's, the actor waits (up to `sync.timeout_s`) for the learner's spec of that
+   version before it generates again, so it does not start a round the push would wait for;
+3. lease `actors.prompts_per_lease` prompts with the actor's version; a refusal (capacity,
+   stale_weights, paused, memory, exhausted) is waited out after the queue's retry hint;
+   `replaced` (another process took this actor id) and `stopping` end the loop;
+4. generate: ONE `Engine.generate` call for all leased prompts with n = G, so vLLM batches
+   them and the engine stays saturated;
+5. score and submit in a one-thread pool, so round k is scored (and sent) while round k+1
+   generates; at most one round waits there, which bounds memory when scoring is slower.
+
+Weights at start: an actor holds `model.path`, which is version 0. It generates with them only
+when the learner's version is 0 (it waits for the first broadcast to know); otherwise it waits
+for a push that lists it (the learner includes registered actors at its next push, and pushes
+at once after a resume). A push that failed in the engine leaves it without usable weights
+until a later push succeeds (`version` is None meanwhile). `actors.update_mode=during` is not
+implemented and is refused at start.
+
+Failure modes: a queue restart costs timeouts, not the actor (requests are resent; a group the
+queue no longer knows is counted by it); a garbled broadcast is skipped by the client and a
+garbled group spec by the follower; SIGTERM/SIGINT (in `main`) finish the current round,
+submit it, deregister and exit.
+
+Reported: groups, statuses, tokens, generation seconds (tokens/s) and idle seconds (waiting
+for leases or weights), logged every `_LOG_EVERY` rounds and returned as an `ActorReport`.
+
+Must not import learner or deploy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from actors.engine import Engine
+from actors.membership import WeightFollower
+from actors.rollout import Round, prompt_ids, score_round
+from shared import reward
+from shared.config import VapoConfig, load_config
+from shared.queue_client import ActorClient, Broadcast, ClientSettings
+from shared.types import Lease
+from shared.wire import WireError
+
+log = logging.getLogger("vapo.actor")
+_LOG_EVERY = 10
+_IDLE_TICK_S = 0.05
+_EXITS = {"replaced": "replaced", "stopping": "stop"}  # lease refusals that end the loop -> exit reason
+
+
+@dataclass
+class ActorReport:
+    """What one actor did, returned when its loop ends."""
+
+    actor_id: int
+    exit_reason: str
+    """stop (the queue said so), replaced (another process took this actor id) or stop_event."""
+    rounds: int = 0
+    groups: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    num_tokens: int = 0
+    gen_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    """Waiting for leases, for weights, or while paused."""
+    weight_updates: int = 0
+    failed_updates: int = 0
+    version: int | None = None
+    truncated_prompts: int = 0
+    rejected_specs: int = 0
+    """Group specs that did not decode (ignored)."""
+    wall_seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Response tokens per second of generation."""
+        return self.num_tokens / self.gen_seconds if self.gen_seconds else 0.0
+
+
+def _backend(name: str) -> str:
+    return ("nccl" if torch.cuda.is_available() else "gloo") if name == "auto" else name
+
+
+def cpu_kv_cache_bytes(model_path: str, cfg: VapoConfig) -> int:
+    """KV cache for a CPU engine: room for the sequences a lease runs at full length, capped by the memory share."""
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    per_token = 2 * mc.num_hidden_layers * kv_heads * head_dim * 4  # keys and values, float32
+    max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    seqs = min(cfg.actors.max_num_seqs, cfg.actors.prompts_per_lease * cfg.rollout.samples_per_prompt)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    wanted = min(per_token * max_len * seqs, int(cfg.actors.gpu_memory_utilization * available))
+    return max(wanted, per_token * max_len, 64 << 20)
+
+
+def build_engine(cfg: VapoConfig, actor_id: int, model_path: str) -> Engine:
+    """The actor's vLLM engine: `model.dtype` on GPU, float32 with a sized KV cache on CPU."""
+    common: dict[str, Any] = dict(seed=cfg.rollout.seed + actor_id, max_num_seqs=cfg.actors.max_num_seqs,
+                                  tensor_parallel_size=cfg.actors.tensor_parallel_size,
+                                  max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    if torch.cuda.is_available():
+        return Engine(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=cfg.actors.gpu_memory_utilization,
+                      enforce_eager=cfg.actors.enforce_eager, **common)
+    return Engine(model_path, dtype="float32", kv_cache_memory_bytes=cpu_kv_cache_bytes(model_path, cfg),
+                  enforce_eager=True, **common)
+
+
+class ActorLoop:
+    """The loop's state: engine, clients, weights follower, the learner's version and the counters."""
+
+    def __init__(self, cfg: VapoConfig, actor_id: int, engine: Any, tokenizer: Any, client: ActorClient,
+                 submitter: ActorClient, follower: WeightFollower, stop_event: Any) -> None:
+        self.cfg, self.actor_id, self.engine, self.tokenizer = cfg, actor_id, engine, tokenizer
+        self.client, self.submitter, self.follower = client, submitter, follower
+        self.stop_event = stop_event or threading.Event()
+        self.learner_version: int | None = None
+        self.command = "run"
+        self.version: int | None = None
+        """The version of the engine's weights; None while they are unknown or unusable."""
+        self.report = ActorReport(actor_id, exit_reason="")
+        self._awaited: int | None = None  # the announced version whose spec was already waited for
+
+    def run(self) -> ActorReport:
+        """Loop until told to stop; returns the report."""
+        t_start = time.perf_counter()
+        pending: Future[None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix=f"score-{self.actor_id}") as pool:
+            while not (exit_reason := self._control()):
+                self._update_weights()
+                if self.version is None or self.command == "pause":
+                    self._idle(_IDLE_TICK_S)
+                    continue
+                leases = self._lease()
+                if isinstance(leases, str):
+                    exit_reason = leases
+                    break
+                if not leases:
+                    continue
+                rnd = self._generate(leases)
+                if pending is not None:
+                    pending.result()  # round k-1 is scored and sent before round k is queued
+                pending = pool.submit(self._score_and_submit, rnd)
+            if pending is not None:
+                pending.result()
+        self.report.exit_reason = exit_reason
+        self.report.version = self.version
+        self.report.rejected_specs = self.follower.num_rejected
+        self.report.wall_seconds = time.perf_counter() - t_start
+        log.info("actor %d exits (%s): %s", self.actor_id, exit_reason, self._summary())
+        return self.report
+
+    # --- control and weights ----------------------------------------------------------------------------------
+
+    def _control(self) -> str:
+        """Read the broadcasts; an exit reason, or '' to go on."""
+        broadcast: Broadcast | None = self.client.poll_broadcast()
+        if broadcast is not None:
+            self._saw_version(broadcast.version)
+            self.command = broadcast.command
+        if self.stop_event.is_set():
+            return "stop_event"
+        return "stop" if self.command == "stop" else ""
+
+    def _saw_version(self, version: int) -> None:
+        first = self.learner_version is None
+        self.learner_version = max(version, self.learner_version or 0)
+        if first and self.learner_version == 0 and self.version is None:
+            self.version = 0  # model.path holds version 0's weights
+            log.info("actor %d: the learner is at version 0; generating with the initial weights", self.actor_id)
+
+    def _update_weights(self) -> None:
+        """Take part in the pushes that list this actor; wait for the spec of an announced version first."""
+        t0 = time.perf_counter()
+        announced = self.learner_version
+        wait = (announced is not None and announced != self._awaited
+                and (self.version is None or announced > self.version))
+        deadline = time.monotonic() + (self.cfg.sync.timeout_s if wait else 0.0)
+        while True:
+            spec = self.follower.next_push()
+            if spec is not None:
+                self._take_part(spec)
+                continue
+            latest = self.follower.latest
+            if not wait or (latest is not None and latest.version >= (announced or 0)):
+                break
+            if self._control():
+                break
+            if time.monotonic() >= deadline:
+                log.warning("actor %d: version %s was announced but no push for it came within %.0fs",
+                            self.actor_id, announced, self.cfg.sync.timeout_s)
+                break
+            time.sleep(_IDLE_TICK_S)
+        if wait:
+            self._awaited = announced
+        self.report.idle_seconds += time.perf_counter() - t0
+
+    def _take_part(self, spec: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            version = self.follower.take_part(spec)
+        except Exception as e:  # vLLM reports a worker's failure as a plain Exception; see actors.membership
+            self.version = None
+            self.report.failed_updates += 1
+            log.warning("actor %d: weight push %d failed (%s); waiting for the next one", self.actor_id,
+                        spec.push_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return
+        if version is not None:
+            self.version = version
+            self.learner_version = max(version, self.learner_version or 0)
+            self.report.weight_updates += 1
+            log.info("actor %d: weights of version %d in %.2fs (%s)", self.actor_id, version,
+                     time.perf_counter() - t0, self.follower.group)
+
+    # --- leases, generation, scoring ------------------------------------------------------------------------
+
+    def _lease(self) -> list[Lease] | str:
+        """Leases, [] after waiting out a refusal, or an exit reason."""
+        assert self.version is not None
+        try:
+            reply = self.client.lease(self.cfg.actors.prompts_per_lease, self.version)
+        except TimeoutError:  # the queue is away (restarting?): the client reconnects on the next request
+            log.warning("actor %d: the queue did not answer; retrying", self.actor_id)
+            return []
+        self._saw_version(reply.version)
+        if reply.leases:
+            return reply.leases
+        if reply.reason in _EXITS:
+            log.info("actor %d: the queue refused a lease (%s)", self.actor_id, reply.reason)
+            return _EXITS[reply.reason]
+        self._idle(max(reply.retry_after_s, _IDLE_TICK_S))
+        return []
+
+    def _generate(self, leases: list[Lease]) -> Round:
+        prompts = []
+        for lease in leases:
+            ids, truncated = prompt_ids(lease, self.tokenizer, self.cfg.rollout.max_prompt_tokens)
+            if truncated:
+                self.report.truncated_prompts += 1
+                log.warning("prompt %d is longer than rollout.max_prompt_tokens; kept its last %d tokens",
+                            lease.prompt_id, len(ids))
+            prompts.append(ids)
+        r = self.cfg.rollout
+        assert self.version is not None
+        started_at, t0 = time.time(), time.perf_counter()
+        samples = self.engine.generate(prompts, n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                                       max_tokens=r.max_new_tokens, stop=r.stop or None)
+        rnd = Round(leases, prompts, samples, self.version, started_at, time.perf_counter() - t0)
+        self.report.rounds += 1
+        self.report.num_tokens += rnd.num_tokens
+        self.report.gen_seconds += rnd.gen_seconds
+        if self.report.rounds % _LOG_EVERY == 0:
+            log.info("actor %d: %s", self.actor_id, self._summary())
+        return rnd
+
+    def _score_and_submit(self, rnd: Round) -> None:
+        """Runs in the scoring thread: rewards, groups, submit (resent while the queue is away)."""
+        groups = score_round(rnd, self.cfg.reward, self.actor_id)
+        while True:
+            try:
+                statuses = self.submitter.submit(groups)
+                break
+            except TimeoutError:
+                if self.stop_event.is_set():
+                    statuses = ["unsent"] * len(groups)
+                    break
+                log.warning("actor %d: the queue did not take %d groups; resending", self.actor_id, len(groups))
+            except WireError as e:  # the whole message was refused: nothing to resend
+                log.warning("actor %d: the queue refused %d groups: %s", self.actor_id, len(groups), e)
+                statuses = [f"rejected:{e.reason}"] * len(groups)
+                break
+        self.report.groups += len(groups)
+        for status, count in Counter(statuses).items():
+            self.report.statuses[status] = self.report.statuses.get(status, 0) + count
+
+    def _idle(self, seconds: float) -> None:
+        t0 = time.perf_counter()
+        self.stop_event.wait(seconds)
+        self.report.idle_seconds += time.perf_counter() - t0
+
+    def _summary(self) -> str:
+        r = self.report
+        return (f"{r.rounds} rounds, {r.groups} groups, {r.num_tokens} tokens, {r.tokens_per_s:.0f} tokens/s, "
+                f"idle {r.idle_seconds:.1f}s, version {self.version}, statuses {dict(r.statuses)}")
+
+
+def run_actor(cfg: VapoConfig, actor_id: int, *, model_path: str, stop_event: Any = None,
+              engine: Any = None) -> ActorReport:
+    """Run one actor until the queue says stop (or `stop_event` is set); returns its report.
+
+    `engine`: an `actors.engine.Engine` already running on `model_path` (it is then not shut
+    down here); None builds one from the config.
+    """
+    if cfg.actors.update_mode == "during":
+        raise ValueError("actors.update_mode=during is not implemented yet")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    own_engine = engine is None
+    engine = build_engine(cfg, actor_id, model_path) if own_engine else engine
+    settings = ClientSettings.from_config(cfg)
+    client = ActorClient(settings, actor_id)
+    submitter = ActorClient(settings, actor_id, incarnation=client.incarnation)
+    follower = WeightFollower(engine, cfg.sync.master_addr, cfg.sync.master_port, actor_id,
+                              incarnation=client.incarnation, backend=_backend(cfg.sync.backend),
+                              timeout_s=cfg.sync.timeout_s)
+    try:
+        client.start_heartbeat(cfg.queue.lease_timeout_s / 3)
+        reward.warm_up()
+        follower.connect(cfg.sync.timeout_s)
+        return ActorLoop(cfg, actor_id, engine, tokenizer, client, submitter, follower, stop_event).run()
+    finally:
+        follower.leave()
+        if follower.group is not None:
+            engine.leave_weight_group()
+        submitter.close()
+        client.close()
+        if own_engine:
+            engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m actors.main CONFIG [key=value ...] --actor-id N [--model-path DIR]`: run one actor."""
+    parser = argparse.ArgumentParser(prog="python -m actors.main", description="Run one vLLM actor.")
+    parser.add_argument("items", nargs="*", metavar="CONFIG|key=value", help="YAML files, then overrides")
+    parser.add_argument("--actor-id", type=int, required=True)
+    parser.add_argument("--model-path", default=None, help="the policy directory (default: model.path)")
+    args = parser.parse_args(argv)
+    cfg = load_config([x for x in args.items if "=" not in x], [x for x in args.items if "=" in x])
+    model_path = args.model_path or cfg.model.path
+    if model_path.startswith("builtin:"):
+        raise ValueError(f"model.path {model_path!r} must be resolved to a directory first (pass --model-path)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    report = run_actor(cfg, args.actor_id, model_path=model_path, stop_event=stop)
+    print(json.dumps({**asdict(report), "tokens_per_s": report.tokens_per_s}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
