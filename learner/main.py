@@ -153,30 +153,51 @@ def build_learner(cfg: VapoConfig, model_path: str, device: torch.device) -> Lea
     return Learner(cfg, policy, value, ref, pad_id=int(pad_id), device=device)
 
 
-def push_weights(learner: Learner, pusher: WeightPusher | None, source: BatchSource | None, version: int) -> float:
-    """All ranks gather; rank 0 announces `version` and broadcasts. Returns rank 0's seconds.
+class Publisher:
+    """Rank 0's side of a weight push, remembering the last one so it can be repeated for late actors."""
 
-    With one rank the pusher gets a function that re-reads the parameters, so a push that lost
-    an actor can be retried on the rebuilt group; with several, rank 0 keeps the gathered full
-    tensors of this push on CPU (the model's size) for the same reason, since the other ranks
-    cannot join a second gather.
-    """
-    t0 = time.perf_counter()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if is_rank0 and source is not None:
-        source.publish_version(version)  # actors see it and enter the receive; admission control moves on
-    if world == 1:
-        if pusher is not None:
-            pusher.push(lambda: iter_full_params(learner.policy), version)
+    def __init__(self, learner: Learner, pusher: WeightPusher | None, source: BatchSource | None) -> None:
+        self.learner, self.pusher, self.source = learner, pusher, source
+        self.version = 0
+        self._tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+
+    def push(self, version: int) -> float:
+        """All ranks gather; rank 0 announces `version` and broadcasts. Returns the seconds taken.
+
+        With one rank the pusher gets a function that re-reads the parameters, so a push that lost
+        an actor can be retried on the rebuilt group; with several, rank 0 keeps the gathered full
+        tensors of this push on CPU (the model's size) for the same reason, since the other ranks
+        cannot join a second gather.
+        """
+        t0 = time.perf_counter()
+        self.version = version
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if is_rank0 and self.source is not None:
+            self.source.publish_version(version)  # actors see it and enter the receive; admission moves on
+        if world == 1:
+            self._tensors = lambda: iter_full_params(self.learner.policy)
+        elif is_rank0:
+            gathered = [(name, t.cpu()) for name, t in iter_full_params(self.learner.policy)]
+            self._tensors = lambda: iter(gathered)
+        else:
+            for _ in iter_full_params(self.learner.policy):  # the other ranks take part in the gathers
+                pass
+        if is_rank0 and self.pusher is not None:
+            assert self._tensors is not None
+            self.pusher.push(self._tensors, version)
         return time.perf_counter() - t0
-    gathered = [(name, t.cpu()) for name, t in iter_full_params(learner.policy)] if is_rank0 else None
-    if gathered is None:
-        for _ in iter_full_params(learner.policy):  # the other ranks take part in the gathers
-            pass
-    elif pusher is not None:
-        pusher.push(lambda: iter(gathered), version)
-    return time.perf_counter() - t0
+
+    def repush_if_waiting(self) -> None:
+        """Rank 0, while waiting for data: push the current weights again to actors that registered late
+        or missed a push (they wait for weights, so without this the run could stall)."""
+        pending = getattr(self.pusher, "pending", None)
+        if self.pusher is None or pending is None or self.version == 0 and self._tensors is None:
+            return  # at version 0 every actor starts from model.path, the same weights
+        if pending():
+            tensors = self._tensors or (lambda: iter_full_params(self.learner.policy))
+            log.info("re-pushing version %d to actors waiting for weights", self.version)
+            self.pusher.push(tensors, self.version)
 
 
 def run_learner(
@@ -198,16 +219,17 @@ def run_learner(
     torch.manual_seed(cfg.seed)
     learner = build_learner(cfg, model_path, device)
     version, cursor = 0, None
+    publisher = Publisher(learner, pusher, source)
     ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume else None
     if ckpt is not None:
         meta = checkpoint.load(learner, ckpt)
         version, cursor = int(meta["version"]), meta["data_cursor"]
         log.info("resumed from %s at step %d, version %d", ckpt, learner.step, version)
-        push_weights(learner, pusher, source, version)
+        publisher.push(version)
     history: list[dict[str, float]] = []
     while learner.step < cfg.learner.total_steps and not stop.is_set():
         t_wait = time.perf_counter()
-        groups, stats = _next_batch(cfg, source, stop) if is_rank0 else (None, None)
+        groups, stats = _next_batch(cfg, source, stop, publisher) if is_rank0 else (None, None)
         if _should_stop(groups is None and is_rank0):
             break
         wait_s = time.perf_counter() - t_wait
@@ -216,7 +238,7 @@ def run_learner(
         compute_s = time.perf_counter() - t_wait - wait_s
         if learner.step % cfg.sync.push_every == 0:
             version += 1
-            metrics["sync/push_seconds"] = push_weights(learner, pusher, source, version)
+            metrics["sync/push_seconds"] = publisher.push(version)
         if is_rank0:
             assert groups is not None and stats is not None
             cursor = stats.cursor
@@ -243,13 +265,14 @@ def _should_stop(local: bool) -> bool:
     return bool(flag.item())
 
 
-def _next_batch(cfg: VapoConfig, source: BatchSource | None, stop: threading.Event):
+def _next_batch(cfg: VapoConfig, source: BatchSource | None, stop: threading.Event, publisher: Publisher):
     """(groups, stats) of the next full batch, or (None, None) when stopping."""
     assert source is not None
     while not stop.is_set():
         try:
             batch = source.get_batch(cfg.rollout.prompts_per_step, timeout_s=5.0)
         except TimeoutError:
+            publisher.repush_if_waiting()
             continue
         if batch.stopping or not batch.groups:
             return None, None
