@@ -4,15 +4,16 @@
 # they are built for another torch and make transformers fail to import Qwen2
 # ("operator torchvision::nms does not exist"). Nothing here needs them.
 #
-# Idempotent and fast when already installed: a stamp file records the hash of setup.py and
-# this script; when it matches and the key imports work, nothing is reinstalled.
+# Idempotent and fast when already installed: a stamp file records the hash of setup.py, this
+# script and the checkout's path (the editable install points at one checkout); when it matches
+# and the key imports work, nothing is reinstalled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp_dir=${VAPO_CACHE:-$HOME/.cache/vapo}
 mkdir -p "$stamp_dir"
 stamp="$stamp_dir/install.stamp"
-want=$(cat setup.py scripts/install.sh | sha256sum | cut -d' ' -f1)
+want=$( (cat setup.py scripts/install.sh; pwd -P) | sha256sum | cut -d' ' -f1)
 
 ok() {
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] || return 1
