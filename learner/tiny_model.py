@@ -49,16 +49,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from shared.tasks import arithmetic
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump when the recipe changes in a way the settings do not show; it is part of the cache key."""
 METADATA_FILE = "vapo_tiny_model.json"
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|endoftext|>", "<|unk|>"
 CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
+_BYTE_NAMES = {"\n": "\u010a", " ": "\u0120"}
+"""GPT-2 byte-level names of newline and space (Ċ, Ġ); printable ASCII 33..126 are their own names."""
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
 PROMPT_FORMAT = "each message's content followed by a newline; the response is the worked solution, then EOS"
 
@@ -120,11 +123,17 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The char-level tokenizer: special tokens at ids 0..2, then one token per character."""
-    vocab = {token: i for i, token in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, *CHARACTERS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    """The char-level tokenizer: special tokens at ids 0..2, then one token per character (see the module note)."""
+    vocab = {token: i for i, token in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN])}
+    vocab |= {_BYTE_NAMES.get(c, c): len(vocab) + i for i, c in enumerate(CHARACTERS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    # The same pipeline transformers' Qwen2Tokenizer rebuilds around any qwen2 checkpoint's vocabulary.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
