@@ -5,10 +5,14 @@ call. It writes a standard Hugging Face directory (config.json, model.safetensor
 generation_config.json, tokenizer files) that transformers and vLLM (CPU or GPU) load as is.
 
 Decisions:
-- Tokenizer: one token per character (a `tokenizers` WordLevel model over printable ASCII
-  and newline, a Split pre-tokenizer that isolates every character, a Fuse decoder), plus
-  `<|pad|>` (id 0), `<|endoftext|>` (id 1, the EOS) and `<|unk|>` (id 2). No BOS. The EOS id
-  is written into config.json and generation_config.json so vLLM stops at it.
+- Tokenizer: one token per character of printable ASCII and newline, plus `<|pad|>` (id 0),
+  `<|endoftext|>` (id 1, the EOS) and `<|unk|>` (id 2); no BOS. The EOS id is written into
+  config.json and generation_config.json so vLLM stops at it. It is a byte-level BPE with
+  *no merges*, with GPT-2 byte names (space is `Ġ`, newline `Ċ`) and exactly the normalizer,
+  pre-tokenizer and decoder of Qwen2's tokenizer, because transformers' AutoTokenizer (and
+  so vLLM) always loads a `qwen2` checkpoint's tokenizer as `Qwen2Tokenizer`, which rebuilds
+  that pipeline around the saved vocabulary: a WordLevel char tokenizer silently loses its
+  spaces and newlines that way. Characters outside the vocabulary (non-ASCII) are dropped.
 - Prompt format: the tokenizer's chat template writes each message's content followed by a
   newline, so `shared.data.render_prompt` gives "Compute 3 + 4 * 5 - 2.\\n"; the model
   continues with the worked solution, then EOS. The format is also recorded in
