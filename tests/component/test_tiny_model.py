@@ -47,6 +47,18 @@ def test_build_writes_a_standard_directory_and_is_cached(tmp_path: Path) -> None
     assert logs
 
 
+def test_saved_tokenizer_reloads_char_by_char(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    out = build_tiny_model(tmp_path / "m", spec=MICRO_SPEC, log=lambda _: None)
+    reloaded = AutoTokenizer.from_pretrained(out)  # a qwen2 checkpoint: transformers forces Qwen2Tokenizer
+    built = tiny_model.build_tokenizer()
+    text = "Compute 3 + 4 * 5 - 2.\n" + arithmetic.make_problem([3, 4, 5, 2], ["+", "*", "-"]).solution  # type: ignore[union-attr]
+    ids = reloaded.encode(text, add_special_tokens=False)
+    assert ids == built.encode(text, add_special_tokens=False) and len(ids) == len(text)
+    assert reloaded.decode(ids) == text
+
+
 def test_build_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not a tiny model directory"):
