@@ -73,6 +73,7 @@ def test_bad_spec_is_refused() -> None:
         TinyModelSpec(target_accuracy=0.8, max_accuracy=0.6)
 
 
+@pytest.mark.slow  # needs the trained tiny model: a 10-30 minute build on a fresh machine
 def test_tokenizer_round_trip_and_prompt_format(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -92,6 +93,7 @@ def test_tokenizer_round_trip_and_prompt_format(tiny_model_dir: Path) -> None:
     assert tokenizer.decode([5, 1], skip_special_tokens=True) == tokenizer.decode([5])
 
 
+@pytest.mark.slow  # needs the trained tiny model: a 10-30 minute build on a fresh machine
 def test_starting_accuracy_is_in_the_band(tiny_model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,6 +110,7 @@ def test_starting_accuracy_is_in_the_band(tiny_model_dir: Path) -> None:
     assert 0.1 <= accuracy <= 0.7, accuracy
 
 
+@pytest.mark.slow  # needs the trained tiny model: a 10-30 minute build on a fresh machine
 def test_vllm_samples_answers_and_stops_at_eos(tiny_model_dir: Path) -> None:
     vllm = pytest.importorskip("vllm")
     from transformers import AutoTokenizer
