@@ -47,3 +47,23 @@ def test_incomplete_checkpoint_is_ignored_and_export_loads(random_model_dir: Pat
     for name, p in learner.policy.named_parameters():
         assert torch.equal(exported.get_parameter(name), p.detach()), name
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_exported_policy_loads_in_vllm_with_the_same_logprobs(random_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from actors.engine import Engine
+    from deploy.doctor import fixed_sequences, hf_logprobs, max_abs_diff
+
+    learner = _learner(random_model_dir, _cfg())
+    learner.train_step(_rollouts())
+    ckpt = checkpoint.save(learner, tmp_path, version=1, data_cursor=None, model_path=str(random_model_dir))
+    out = checkpoint.export_policy(ckpt, tmp_path / "export")
+    sequences = fixed_sequences(learner.policy.config.vocab_size, seed=3)
+    expected = hf_logprobs(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), sequences)
+    assert max_abs_diff(expected, hf_logprobs(learner.policy, sequences)) < 1e-5  # the export is the trained policy
+    engine = Engine(str(out), dtype="float32", kv_cache_memory_bytes=64 << 20, max_num_seqs=8, enforce_eager=True)
+    try:
+        assert max_abs_diff(engine.score(sequences), expected) < 1e-4
+    finally:
+        engine.shutdown()
