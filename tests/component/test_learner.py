@@ -66,9 +66,10 @@ def _learner(model_dir: Path, cfg: VapoConfig, shard: bool = False) -> Learner:
     if shard:
         from learner.model import shard as fsdp_shard
 
-        fsdp_shard(policy)
+        checkpointing = cfg.learner.activation_checkpointing
+        fsdp_shard(policy, activation_checkpointing=checkpointing)
         if value is not None:
-            fsdp_shard(value)
+            fsdp_shard(value, activation_checkpointing=checkpointing)
     return Learner(cfg, policy, value, None, pad_id=0, device=torch.device("cpu"))
 
 
@@ -165,12 +166,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, overrides: tuple[str, ...]) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    learner = _learner(Path(model_dir), _cfg(), shard=True)
+    learner = _learner(Path(model_dir), _cfg(*overrides), shard=True)
     mine = [r for r in _rollouts() if r.group % world == rank]  # whole groups per rank
     sums = _sums()
     old = learner.prepare(mine, False, sums)
@@ -178,7 +179,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     grads = {}
     for prefix, model in (("policy.", learner.policy), ("value.", learner.value_model)):
         for name, p in model.named_parameters():
-            grads[prefix + name] = p.grad.full_tensor().clone()
+            grads[prefix + name.replace("_checkpoint_wrapped_module.", "")] = p.grad.full_tensor().clone()
     keys = ["loss/policy", "loss/value", "loss/nll_pos"]
     totals = torch.stack([sums[k] for k in keys])
     dist.all_reduce(totals)
@@ -187,10 +188,12 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     dist.destroy_process_group()
 
 
-def _run(world: int, model_dir: Path, out: Path) -> dict:
+def _run(world: int, model_dir: Path, out: Path, *overrides: str) -> dict:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), str(out))) for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), str(out), overrides)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -201,7 +204,8 @@ def _run(world: int, model_dir: Path, out: Path) -> dict:
 
 def test_two_fsdp_ranks_equal_one(random_model_dir: Path, tmp_path: Path) -> None:
     one = _run(1, random_model_dir, tmp_path / "one.pt")
-    two = _run(2, random_model_dir, tmp_path / "two.pt")
+    # two ranks, with activation checkpointing too: neither may change losses or gradients
+    two = _run(2, random_model_dir, tmp_path / "two.pt", "learner.activation_checkpointing=true")
     for key, value in one["losses"].items():
         assert abs(value - two["losses"][key]) < 1e-5, key
     assert one["losses"]["loss/nll_pos"] > 0
