@@ -178,6 +178,8 @@ class LearnerRank:
     def __init__(self) -> None:
         self.latest: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self._source: Any = None
+        self._pusher: Any = None
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -192,44 +194,47 @@ class LearnerRank:
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         backend = cfg.learner.backend if cfg.learner.backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
-        source = pusher = tracker = None
+        tracker = None
+        if rank == 0:
+            from learner.weight_sync import MembershipManager
+            from shared.queue_client import ClientSettings, LearnerClient
+            from shared.tracking import Tracker
+
+            self._source = LearnerClient(ClientSettings.from_config(cfg))
+            sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if use_cuda else "gloo")
+            self._pusher = MembershipManager.from_config(cfg.sync, sync_backend)
+            tracker = Tracker(cfg) if cfg.tracking.enabled else None
+
+        def on_step(metrics: dict[str, float]) -> None:
+            self.latest = metrics
+            self.history.append(metrics)
+
         try:
-            if rank == 0:
-                from learner.weight_sync import MembershipManager
-                from shared.queue_client import ClientSettings, LearnerClient
-                from shared.tracking import Tracker
-
-                source = LearnerClient(ClientSettings.from_config(cfg))
-                sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if use_cuda else "gloo")
-                pusher = MembershipManager.from_config(cfg.sync, sync_backend)
-                tracker = Tracker(cfg) if cfg.tracking.enabled else None
-
-            def on_step(metrics: dict[str, float]) -> None:
-                self.latest = metrics
-                self.history.append(metrics)
-
             report = run_learner(
                 cfg,
                 model_path=model_path,
-                source=source,
-                pusher=pusher,
+                source=self._source,
+                pusher=self._pusher,
                 device=device,
                 tracker=tracker,
                 on_step=on_step,
             )
+        finally:
             if tracker is not None:
                 tracker.close()
-            return {
-                "steps": report.steps,
-                "version": report.version,
-                "run_id": tracker.run_id if tracker is not None else None,
-            }
-        finally:
-            if pusher is not None:
-                pusher.close()
-            if source is not None:
-                source.close()
             dist.destroy_process_group()
+        return {
+            "steps": report.steps,
+            "version": report.version,
+            "run_id": tracker.run_id if tracker is not None else None,
+        }
+
+    def shutdown(self) -> None:
+        """Close the queue client and the weight group's store, after the actors have stopped."""
+        if self._pusher is not None:
+            self._pusher.close()
+        if self._source is not None:
+            self._source.close()
 
     def progress(self) -> dict[str, float]:
         return self.latest
@@ -395,6 +400,7 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
         summary = ray.get(runs[0])
         summary["controller"] = ray.get(controller.status.remote())
         summary["actor_reports"] = ray.get(controller.stop_all.remote())
+        ray.get(ranks[0].shutdown.remote())  # after the actors: they deregister from its store
         summary["queue_stats"] = ray.get(queue.stop.remote())
         return summary
     finally:
