@@ -55,21 +55,9 @@ from vllm.config import set_current_vllm_config
 from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
 from shared import weight_protocol as wp
+from shared.weight_group import make_weight_group
 
 EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
-
-
-def make_group(
-    store: dist.Store, rank: int, world_size: int, backend: str, timeout: timedelta
-) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
-    """A process group of `backend` ('gloo' or 'nccl') on `store`, apart from the default world."""
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise ValueError(f"weight group backend must be 'gloo' or 'nccl'; got {backend!r}")
 
 
 class _BucketStream:
@@ -188,7 +176,7 @@ class WeightReceiver:
             )
         if store.add(wp.joined_key(rank), 1) != 1:
             raise ValueError(f"rank {rank} of weight group {group_name!r} was claimed twice")
-        self._wr_group = make_group(store, rank, world_size, backend, timeout)
+        self._wr_group = make_weight_group(store, rank, world_size, backend, timeout)
         self._wr_store, self._wr_backend = store, backend
         return rank
 

@@ -69,6 +69,7 @@ import torch.distributed as dist
 
 from shared import weight_protocol as wp
 from shared.config import SyncConfig
+from shared.weight_group import make_weight_group
 
 log = logging.getLogger("vapo.weight_sync")
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -91,19 +92,6 @@ class PushStats:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def make_group(
-    store: dist.Store, rank: int, world_size: int, backend: str, timeout: timedelta
-) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
-    """A process group of `backend` ('gloo' or 'nccl') on `store`, apart from the default world."""
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise ValueError(f"weight group backend must be 'gloo' or 'nccl'; got {backend!r}")
 
 
 class WeightSender:
@@ -170,7 +158,7 @@ class WeightSender:
             raise TimeoutError(
                 f"weight group {group_name!r}: ranks {missing} did not join within {self.timeout}"
             ) from e
-        self._group = make_group(store, 0, world_size, self.backend, self.timeout)
+        self._group = make_weight_group(store, 0, world_size, self.backend, self.timeout)
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         assert self._group is not None
