@@ -52,9 +52,9 @@ NAMESPACE = "vapo"
 def resolve_model_path(path: str) -> str:
     """`builtin:tiny` -> the tiny model's directory (built on first use); a directory must exist."""
     if path == "builtin:tiny":
-        from learner.tiny_model import build_tiny_model, default_tiny_model_dir
+        from deploy.doctor import resolve_model_path as resolve_builtin
 
-        return str(build_tiny_model(default_tiny_model_dir()))
+        return resolve_builtin(path)
     if Path(path).exists():
         return str(Path(path).resolve())
     if path.count("/") == 1 and not path.startswith((".", "/")):

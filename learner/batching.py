@@ -103,12 +103,18 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> MicroBatch:
     return MicroBatch(input_ids, attention_mask, response_mask, p)
 
 
-def padding_fraction(batches: Sequence[Sequence[int]], rollouts: Sequence[Rollout]) -> float:
-    """Share of the padded `[b, P + R]` cells of these micro-batches that hold padding."""
-    cells = real = 0
+def padded_cells(batches: Sequence[Sequence[int]], rollouts: Sequence[Rollout]) -> int:
+    """Cells of the padded `[b, P + R]` tensors these micro-batches collate to."""
+    cells = 0
     for idx in batches:
         p = max(len(rollouts[i].prompt_ids) for i in idx)
         r = max(max(len(rollouts[i].response_ids) for i in idx), 1)
         cells += len(idx) * (p + r)
-        real += sum(rollouts[i].length for i in idx)
+    return cells
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], rollouts: Sequence[Rollout]) -> float:
+    """Share of the padded `[b, P + R]` cells of these micro-batches that hold padding."""
+    cells = padded_cells(batches, rollouts)
+    real = sum(rollouts[i].length for idx in batches for i in idx)
     return 1.0 - real / cells if cells else 0.0

@@ -40,7 +40,14 @@ from learner.algo import kl as kl_lib
 from learner.algo import losses, staleness
 from learner.algo.gae import gae, length_adaptive_lambda
 from learner.algo.rewards import token_level_rewards
-from learner.batching import Rollout, collate, fixed_count_micro_batches, pad_right, token_budget_micro_batches
+from learner.batching import (
+    Rollout,
+    collate,
+    fixed_count_micro_batches,
+    pad_right,
+    padded_cells,
+    token_budget_micro_batches,
+)
 from learner.model import MicroBatch, policy_forward, value_forward
 from shared.config import VapoConfig
 
@@ -358,13 +365,7 @@ class Learner:
         sums["rollout/len_sum"] += sum(len(r.response_ids) for r in rollouts)
         sums["train/tokens"] += sum(r.length for r in rollouts)
         sums["train/response_tokens"] += sum(len(r.response_ids) for r in rollouts)
-        mbs = self._micro_batches(rollouts, range(len(rollouts)))
-        cells = sum(
-            len(mb)
-            * (max(len(rollouts[i].prompt_ids) for i in mb) + max(max(len(rollouts[i].response_ids) for i in mb), 1))
-            for mb in mbs
-        )
-        sums["train/padded_cells"] += cells
+        sums["train/padded_cells"] += padded_cells(self._micro_batches(rollouts, range(len(rollouts))), rollouts)
 
     def _explained_variance_sums(
         self,
