@@ -227,11 +227,16 @@ class WeightFollower:
         self.group = spec.name
 
     def _after_failure(self) -> None:
-        """Leave the group and register anew, so the learner's next push rebuilds it with this actor."""
+        """Leave the group; register anew only when the learner dropped this registration.
+
+        A push that failed on the learner's side (another member died) is retried by the learner
+        on a rebuilt group that lists this actor's current registration: a new epoch written here
+        at the same time would race that retry and leave the actor pending after it had the weights.
+        """
         self.engine.leave_weight_group()
         self.group = None
         try:
-            self.register()
+            self._check_registration()
         except dist.DistNetworkError as e:
             self._reconnect(e)
 
