@@ -228,6 +228,8 @@ class LearnerConfig:
     """Global gradient-norm clip of each model; 0 disables it."""
     total_steps: int = 1000
     """Rollout steps (weight versions) to train for, value pretraining included."""
+    time_budget_s: float = 0.0
+    """Stop (with a checkpoint) at the first step boundary after this many seconds of training; 0: no limit."""
     checkpoint_every: int = 50
     """Checkpoint every this many steps (and on SIGTERM); 0 only on SIGTERM and at the end."""
     activation_checkpointing: bool = False
@@ -250,6 +252,7 @@ class LearnerConfig:
             _in_range(beta, "learner.adam_betas", 0.0, 1.0, hi_open=True)
         _non_negative(self.grad_clip, "learner.grad_clip")
         _positive(self.total_steps, "learner.total_steps")
+        _non_negative(self.time_budget_s, "learner.time_budget_s")
         _non_negative(self.checkpoint_every, "learner.checkpoint_every")
 
 
