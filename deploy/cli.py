@@ -102,6 +102,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Draw a finished run's training curves (reward, accuracy, length, entropy, version lag) into PNG files."""
+    from shared.config import TrackingConfig
+    from shared.plots import PLOT_KEYS, write_plots
+    from shared.tracking import metric_history
+
+    uri = args.tracking_uri or TrackingConfig().resolved_uri
+    history = metric_history(args.run_id, list(PLOT_KEYS), uri)
+    for path in write_plots(history, args.out or f"report_{args.run_id}", title=f"run {args.run_id}"):
+        print(path)
+    return 0
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     """Run the replay queue service until SIGTERM/SIGINT."""
     from deploy.launch import open_prompt_source
@@ -126,6 +139,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir")
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", help="MLflow run id (printed at the end of vapo train)")
+    p.add_argument("--out", default=None, help="output directory (default: report_RUN_ID)")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)"
+    )
+
+
 def _tiny_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the cache directory)")
     p.add_argument("--seed", type=int, default=0)
@@ -139,6 +160,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "make-tiny-model": (cmd_make_tiny_model, _tiny_args, "build the tiny Qwen2-style model and its tokenizer"),
     "doctor": (cmd_doctor, _doctor_args, "health checks (weight-sync: vLLM log-prob parity after a push)"),
     "export": (cmd_export, _export_args, "export a checkpoint's policy as a Hugging Face directory"),
+    "report": (cmd_report, _report_args, "draw a finished run's training curves into PNG files"),
 }
 
 
