@@ -25,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -86,26 +87,39 @@ def group_frames(group: RolloutGroup) -> list[Any]:
 
 
 def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
-    """Lease, then submit one group per leased prompt, until the queue says stop."""
+    """Lease, then send one group per leased prompt (pipelined submits), until the queue says stop.
+
+    Like the real actor, leases and submits use two connections, so a lease is not queued
+    behind the submits in flight.
+    """
     client = ActorClient(settings, actor_id)
+    submitter = ActorClient(settings, actor_id, incarnation=client.incarnation)
     template = dataclasses.replace(template_group(tokens, seed=actor_id), actor_id=actor_id)
-    version = 0
-    while True:
-        try:
+    version, statuses = 0, Counter[str]()
+    try:
+        while True:
             reply = client.lease(8, version)
-        except TimeoutError:  # the queue has shut down
-            break
-        version = max(version, reply.version)
-        if reply.reason == "stopping":
-            break
-        if not reply.leases:
-            time.sleep(reply.retry_after_s)
-            continue
-        for lease in reply.leases:
-            group = dataclasses.replace(template, lease_id=lease.lease_id, prompt_id=lease.prompt_id,
-                                        policy_version=version, token_versions=np.full_like(template.token_versions,
-                                                                                            version))
-            client.submit([group])
+            version = max(version, reply.version)
+            if reply.reason == "stopping":
+                break
+            if not reply.leases:
+                for ticket_statuses in submitter.results(reply.retry_after_s).values():
+                    statuses.update(ticket_statuses)
+                continue
+            for lease in reply.leases:
+                group = dataclasses.replace(template, lease_id=lease.lease_id, prompt_id=lease.prompt_id,
+                                            policy_version=version,
+                                            token_versions=np.full_like(template.token_versions, version))
+                submitter.send([group])
+            for ticket_statuses in submitter.results().values():
+                statuses.update(ticket_statuses)
+        for ticket_statuses in submitter.flush(timeout_s=10).values():
+            statuses.update(ticket_statuses)
+    except TimeoutError:  # the queue has shut down
+        pass
+    if set(statuses) - {"accepted", "stale"}:
+        print(f"actor {actor_id}: unexpected statuses {dict(statuses)}", file=sys.stderr)
+    submitter.close()
     client.close()
 
 

@@ -11,10 +11,12 @@ Sockets.
   reported as not delivered. The PUB socket, which drops past its high-water mark and for
   slow joiners, carries only the latest-value state (policy version, pause/stop), and the
   service repeats it periodically, so a lost broadcast costs nothing.
-- `Requester` is a DEALER used as a request/reply client (a REQ socket would wedge after a
-  lost reply). Each request carries the client's name and a request id that only grows. On
-  an attempt timeout the socket is closed (linger 0, dropping anything queued) and a new one
-  resends the same id: the lazy-pirate pattern. This is how clients survive a queue restart.
+- `Requester` is a DEALER used as a pipelined request/reply client (a REQ socket would wedge
+  after a lost reply, and allows one request at a time): any number of requests may be in
+  flight, each with a request id that only grows; replies are matched by id. When the server
+  stays silent for an attempt's time while requests are outstanding, the socket is closed
+  (linger 0, dropping anything queued) and a new one resends every outstanding request, in
+  id order: the lazy-pirate pattern. This is how clients survive a queue restart.
 - `Subscriber` is a SUB socket that drains to the latest broadcasts.
 - The server also binds inproc endpoints (`inproc_endpoints`): a learner that embeds the
   queue in a thread talks to it without any copy. For that every socket of a process comes
@@ -25,17 +27,24 @@ as the very zmq.Frame it arrived in (zmq shares it by reference count), so the q
 no rollout bytes itself; the kernel's TCP copies are the only ones, once into the queue and
 once out of it (none out of it when the learner is in-process).
 
-Envelope, after the ROUTER's routing id: [client name, request id (8 bytes LE), message
-frames..., HMAC?]; replies: [request id, message frames..., HMAC?]; broadcasts: [message
-frames..., HMAC?].
+Envelope, after the ROUTER's routing id: [client name, ids (16 bytes: the request id, then
+the client's ack floor, both u64 LE), message frames..., HMAC?]; replies: [request id (8
+bytes LE), message frames..., HMAC?]; broadcasts: [message frames..., HMAC?]. The ack floor
+is the lowest request id whose reply the client still waits for (its own id for a client
+with one request at a time): every reply below it has arrived.
 
-At-most-once execution. The server remembers, per client name, the last request id and
-its reply. A resent request with that id is not handed to the service again: the cached
-reply is resent (or, while the service still works on it, the reply is redirected to the
-new socket). An older id is a delayed duplicate and is dropped. So a retried submit is not
-counted twice, a retried lease request does not grant twice, and a batch whose reply was
-lost is delivered on the retry instead of being lost. One cached reply per client is kept
-until that client's next request or `prune`.
+At-most-once execution. The server remembers, per client name, the highest request id seen
+and each request above the client's ack floor with its reply once there is one. A resent
+request it still remembers is not handed to the service again: the cached reply is resent
+(or, while the service still works on it, the reply is redirected to the new socket). An id
+at or below the highest that it no longer remembers is a delayed duplicate of an
+acknowledged request and is dropped. So a retried submit is not counted twice, a retried
+lease request does not grant twice, and a batch whose reply was lost is delivered on the
+retry instead of being lost. Cached replies are released when the ack floor passes them (a
+client with one request at a time keeps exactly one, until its next request), when a client
+has more than `MAX_OPEN_REQUESTS` open (the oldest goes), or at `prune`. Ids must reach the
+server in order per client, which holds because a zmq connection delivers in order, loses
+only a suffix when it is closed, and a reconnect resends every outstanding id in order.
 
 Failure modes.
 - A peer without the shared secret (when one is configured): its messages fail the HMAC and
@@ -58,7 +67,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +77,8 @@ from shared.wire import MAC_BYTES, Buffer, sign, verify
 
 MAX_CLIENT_NAME = 64
 MIN_SECRET_BYTES = 16
+MAX_OPEN_REQUESTS = 1024
+"""Requests (with their cached replies) the server keeps per client above its ack floor."""
 
 
 def load_secret(path: str | None) -> bytes | None:
@@ -141,11 +152,19 @@ class Request:
 
 
 @dataclass
-class _Last:
-    req_id: int
+class _Open:
     request: Request
-    reply: list[Buffer] | None
-    at: float
+    reply: list[Buffer] | None = None
+
+
+@dataclass
+class _Peer:
+    """What the server remembers of one client name."""
+
+    highest: int = 0
+    open: dict[int, _Open] = field(default_factory=dict)
+    """Requests above the client's ack floor, by id (ascending: ids only grow)."""
+    at: float = 0.0
 
 
 class Server:
@@ -167,7 +186,7 @@ class Server:
             sock.bind(address)  # for clients in this process (the learner embedding the queue): no copies
         self._poller = zmq.Poller()
         self._poller.register(self.router, zmq.POLLIN)
-        self._last: dict[str, _Last] = {}
+        self._peers: dict[str, _Peer] = {}
         self.rejected: Counter[str] = Counter()
         """Messages dropped before the service saw them, by reason."""
         self.undelivered = 0
@@ -196,7 +215,7 @@ class Server:
 
     def _accept(self, raw: list[zmq.Frame]) -> Request | None:
         frames = _views(raw)
-        peer = bytes(frames[0])
+        routing = bytes(frames[0])
         if sum(f.nbytes for f in frames[1:]) > self._max_bytes + 4096:
             self.rejected["too_large"] += 1
             return None
@@ -204,33 +223,48 @@ class Server:
         if frames is None:
             self.rejected["unauthenticated"] += 1
             return None
-        if len(frames) < 3 or frames[1].nbytes != 8 or not 0 < frames[0].nbytes <= MAX_CLIENT_NAME:
+        if len(frames) < 3 or frames[1].nbytes != 16 or not 0 < frames[0].nbytes <= MAX_CLIENT_NAME:
+            self.rejected["bad_envelope"] += 1
+            return None
+        req_id, floor = int.from_bytes(frames[1][:8], "little"), int.from_bytes(frames[1][8:], "little")
+        if floor > req_id:
             self.rejected["bad_envelope"] += 1
             return None
         client = bytes(frames[0]).decode("utf-8", "replace")
-        req_id = int.from_bytes(frames[1], "little")
-        last = self._last.get(client)
-        if last is not None and req_id <= last.req_id:
-            if req_id == last.req_id:  # a resend: redirect, and replay the reply if there is one
-                last.request.peer = peer
-                if last.reply is not None:
-                    self._send(peer, last.reply)
-            return None
-        request = Request(peer=peer, client=client, req_id=req_id, frames=frames[2:])
-        self._last[client] = _Last(req_id, request, None, time.monotonic())
+        peer = self._peers.setdefault(client, _Peer())
+        peer.at = time.monotonic()
+        while peer.open and next(iter(peer.open)) < floor:  # acknowledged: the client has these replies
+            del peer.open[next(iter(peer.open))]
+        if req_id <= peer.highest:
+            known = peer.open.get(req_id)
+            if known is not None:  # a resend: redirect, and replay the reply if there is one
+                known.request.peer = routing
+                if known.reply is not None:
+                    self._send(routing, known.reply)
+            return None  # else a delayed duplicate of an acknowledged request
+        request = Request(peer=routing, client=client, req_id=req_id, frames=frames[2:])
+        peer.highest = req_id
+        peer.open[req_id] = _Open(request)
+        if len(peer.open) > MAX_OPEN_REQUESTS:
+            del peer.open[next(iter(peer.open))]
         return request
 
     def is_current(self, request: Request) -> bool:
-        """Whether `request` is still its client's latest (a newer one supersedes it)."""
-        last = self._last.get(request.client)
-        return last is not None and last.req_id == request.req_id
+        """Whether the client still waits for `request` (it has not moved its ack floor past it)."""
+        peer = self._peers.get(request.client)
+        return peer is not None and request.req_id in peer.open
 
     def reply(self, request: Request, frames: Sequence[Buffer]) -> bool:
-        """Send the reply of `request` and cache it for a resend; False when it could not be routed now."""
+        """Send the reply of `request` and cache it for a resend; False when it could not be routed now.
+
+        The request's own frames are released (the handler is done with them).
+        """
         envelope = [request.req_id.to_bytes(8, "little"), *frames]
-        last = self._last.get(request.client)
-        if last is not None and last.req_id == request.req_id:
-            last.reply, last.at = envelope, time.monotonic()
+        request.frames = []
+        peer = self._peers.get(request.client)
+        known = None if peer is None else peer.open.get(request.req_id)
+        if known is not None:
+            known.reply = envelope
         return self._send(request.peer, envelope)
 
     def _send(self, peer: bytes, envelope: list[Buffer]) -> bool:
@@ -254,8 +288,8 @@ class Server:
     def prune(self, max_age_s: float) -> None:
         """Forget clients idle for `max_age_s` (and their cached replies)."""
         cutoff = time.monotonic() - max_age_s
-        for client in [c for c, last in self._last.items() if last.at < cutoff]:
-            del self._last[client]
+        for client in [c for c, peer in self._peers.items() if peer.at < cutoff]:
+            del self._peers[client]
 
     def close(self) -> None:
         """Close both sockets (the process-wide context stays)."""
@@ -264,7 +298,7 @@ class Server:
 
 
 class Requester:
-    """A request/reply client over DEALER that retries on a fresh socket (lazy pirate)."""
+    """A pipelined request/reply client over DEALER that resends on a fresh socket when the server goes quiet."""
 
     def __init__(self, address: str, *, secret: bytes | None = None, name: str | None = None) -> None:
         self._address = address
@@ -274,9 +308,14 @@ class Requester:
         self._ctx = _context()
         self._next_id = 1
         self._sock = self._connect()
+        self._outstanding: dict[int, list[Buffer]] = {}  # sent, reply not yet here: id -> message frames
+        self._replies: dict[int, list[memoryview]] = {}  # arrived, not yet taken
+        self._attempt_at = time.monotonic()  # last reply, or (re)send while outstanding: when to resend
+        self.quiet_since = time.monotonic()
+        """Since when requests are outstanding with no reply: the last reply, or the first send after idle."""
         self.reconnects = 0
         self.dropped_replies = 0
-        """Replies ignored: for an older request, or failing the HMAC."""
+        """Replies ignored: for a request not outstanding (a duplicate), or failing the HMAC."""
 
     def _connect(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -284,46 +323,91 @@ class Requester:
         sock.connect(self._address)
         return sock
 
-    def new_id(self) -> int:
-        """A fresh request id (ids only grow)."""
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose reply has not arrived."""
+        return len(self._outstanding)
+
+    def send(self, frames: Sequence[Buffer]) -> int:
+        """Send a request without waiting; returns its id (see `wait`, `take`). The frames must stay unchanged."""
         req_id, self._next_id = self._next_id, self._next_id + 1
+        if not self._outstanding:
+            self._attempt_at = self.quiet_since = time.monotonic()
+        self._outstanding[req_id] = list(frames)
+        self._transmit(req_id)
         return req_id
 
-    def request(self, frames: Sequence[Buffer], *, timeout_s: float, attempt_s: float,
-                req_id: int | None = None) -> list[memoryview]:
-        """Send `frames` and return the reply's frames; resend on a new socket every `attempt_s`.
+    def _transmit(self, req_id: int) -> None:
+        floor = next(iter(self._outstanding))  # ids only grow, so the first outstanding is the lowest
+        ids = req_id.to_bytes(8, "little") + floor.to_bytes(8, "little")
+        envelope = _signed(self._secret, [self.name.encode(), ids, *self._outstanding[req_id]])
+        self._sock.send_multipart(envelope, copy=False)
 
-        Raises TimeoutError when no reply came within `timeout_s`. Passing the `req_id` of a
-        request that timed out continues it (the server replays or redirects its reply).
-        """
-        req_id = self.new_id() if req_id is None else req_id
-        tag = req_id.to_bytes(8, "little")
-        envelope = _signed(self._secret, [self.name.encode(), tag, *frames])
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._sock.send_multipart(envelope, copy=False)
-            reply = self._wait(tag, min(deadline, time.monotonic() + attempt_s))
-            if reply is not None:
-                return reply
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"no reply from {self._address} within {timeout_s:.1f}s")
+    def pump(self, timeout_s: float = 0.0) -> int:
+        """Receive the replies that arrived, waiting up to `timeout_s` for the first; returns how many."""
+        received = 0
+        wait_ms = max(0, int(timeout_s * 1000))
+        while self._sock.poll(wait_ms, zmq.POLLIN):
+            wait_ms = 0
+            frames = _authentic(self._secret, _views(self._sock.recv_multipart(copy=False)))
+            req_id = int.from_bytes(frames[0], "little") if frames and frames[0].nbytes == 8 else 0
+            if frames is None or len(frames) < 2 or self._outstanding.pop(req_id, None) is None:
+                self.dropped_replies += 1
+                continue
+            self._replies[req_id] = frames[1:]
+            self._attempt_at = self.quiet_since = time.monotonic()
+            received += 1
+        return received
+
+    def take(self, req_id: int) -> list[memoryview] | None:
+        """The reply of `req_id` if it arrived (it is handed out once), else None."""
+        return self._replies.pop(req_id, None)
+
+    def keep_alive(self, attempt_s: float) -> None:
+        """Reconnect and resend everything outstanding when no reply came for `attempt_s` (lazy pirate)."""
+        if self._outstanding and time.monotonic() - self._attempt_at >= attempt_s:
             self._sock.close(linger=0)
             self._sock = self._connect()
             self.reconnects += 1
+            self._attempt_at = time.monotonic()
+            for req_id in self._outstanding:
+                self._transmit(req_id)
 
-    def _wait(self, tag: bytes, until: float) -> list[memoryview] | None:
-        while (left := until - time.monotonic()) > 0:
-            if not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                continue
-            frames = _authentic(self._secret, _views(self._sock.recv_multipart(copy=False)))
-            if frames is None or len(frames) < 2 or bytes(frames[0]) != tag:
-                self.dropped_replies += 1
-                continue
-            return frames[1:]
-        return None
+    def wait(self, req_id: int, *, timeout_s: float, attempt_s: float) -> list[memoryview]:
+        """The reply of `req_id`, resending every outstanding request after `attempt_s` of silence.
+
+        Raises TimeoutError when it did not come within `timeout_s`; the request stays
+        outstanding, so a later `wait` continues it (or `abandon` gives it up).
+        """
+        deadline = time.monotonic() + timeout_s
+        while (reply := self.take(req_id)) is None:
+            assert req_id in self._outstanding, f"request {req_id} is not outstanding"
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"no reply from {self._address} within {timeout_s:.1f}s")
+            self.keep_alive(attempt_s)
+            self.pump(min(deadline, self._attempt_at + attempt_s) - now)
+        return reply
+
+    def abandon(self, req_id: int) -> None:
+        """Stop waiting for `req_id` (its reply, if it comes, is dropped; the server may still execute it)."""
+        self._outstanding.pop(req_id, None)
+        self._replies.pop(req_id, None)
+
+    def request(self, frames: Sequence[Buffer], *, timeout_s: float, attempt_s: float) -> list[memoryview]:
+        """Send `frames` and return the reply's frames; resend on a new socket every `attempt_s` of silence.
+
+        Raises TimeoutError when no reply came within `timeout_s` (the request is abandoned).
+        """
+        req_id = self.send(frames)
+        try:
+            return self.wait(req_id, timeout_s=timeout_s, attempt_s=attempt_s)
+        except TimeoutError:
+            self.abandon(req_id)
+            raise
 
     def close(self) -> None:
-        """Close the socket (pending requests are abandoned)."""
+        """Close the socket (outstanding requests are abandoned)."""
         self._sock.close(linger=0)
 
 

@@ -158,12 +158,17 @@ def test_a_resent_request_is_executed_once() -> None:
     settings = ClientSettings.from_config(cfg)
     with queue_thread(cfg, ListSource(100)):
         rq = Requester(settings.address, name="resender")
-        frames = wire.encode("lease", {"actor_id": 3, "incarnation": 1, "policy_version": 0, "num_prompts": 2})
-        req_id = rq.new_id()
-        first = wire.decode(rq.request(frames, timeout_s=5, attempt_s=5, req_id=req_id), max_bytes=1 << 20)
-        again = wire.decode(rq.request(frames, timeout_s=5, attempt_s=5, req_id=req_id), max_bytes=1 << 20)
-        assert again.body["leases"] == first.body["leases"] and len(first.body["leases"]) == 2
         learner = LearnerClient(settings)
+        frames = wire.encode("lease", {"actor_id": 3, "incarnation": 1, "policy_version": 0, "num_prompts": 2})
+        req_id = rq.send(frames)
+        deadline = time.monotonic() + 5
+        while learner.stats().leased < 2:  # executed and answered; the reply waits unread in the socket
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rq.keep_alive(attempt_s=0.0)  # the reply is lost with the old socket; a new one resends the request
+        assert rq.reconnects == 1
+        reply = wire.decode(rq.wait(req_id, timeout_s=5, attempt_s=5), max_bytes=1 << 20)
+        assert len(reply.body["leases"]) == 2
         assert learner.stats().leased == 2  # the resend was answered from the cache, not granted again
         rq.close()
         learner.close()
