@@ -1,0 +1,95 @@
+"""The end-of-run artifacts with two FSDP ranks on gloo and a real MLflow SQLite store; `vapo report` errors.
+
+Two ranks shard the same perturbed policy; only rank 0 holds a Tracker. `log_final_artifacts`
+must not hang (the ranks agree by an all-reduce whether to gather), and the run must then hold
+the plots and a `policy/` directory whose weights are exactly the perturbed full policy, tied
+embeddings included. The single-rank path runs in the learner-loop and e2e smoke tests.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy.cli import main as vapo
+from shared.plots import OVERVIEW_FILE, PANELS, write_plots
+from shared.tracking import download_artifact, run_artifacts
+from tests.component.test_queue_support import free_port
+
+
+def _perturbed_policy(model_dir: str) -> torch.nn.Module:
+    from learner.model import load_policy
+
+    policy = load_policy(model_dir)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy
+
+
+def _rank_main(rank: int, world: int, port: int, model_dir: str, uri: str, run_id_file: str) -> None:
+    import torch.distributed as dist
+
+    from learner.final_artifacts import log_final_artifacts
+    from learner.model import shard
+    from shared.config import load_config
+    from shared.tracking import Tracker
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    policy = _perturbed_policy(model_dir)
+    shard(policy)
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(load_config([], [f"tracking.tracking_uri={uri}"]), system_metrics=False)
+        for step in (1, 2, 3):
+            tracker.log_metrics({"rollout/acc": 0.2 * step, "async/version_lag_max": 1.0}, step=step)
+    log_final_artifacts(policy, tracker, model_dir)
+    if tracker is not None:
+        tracker.close()
+        Path(run_id_file).write_text(tracker.run_id)
+    dist.destroy_process_group()
+
+
+def test_final_artifacts_from_two_fsdp_ranks(random_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    args = (str(random_model_dir), uri, str(tmp_path / "run_id"))
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0, f"rank exited with {p.exitcode}"
+    run_id = (tmp_path / "run_id").read_text()
+
+    artifacts = run_artifacts(run_id, uri)
+    assert {f"plots/{p.name}.png" for p in PANELS} | {f"plots/{OVERVIEW_FILE}"} <= artifacts.keys()
+    assert {"policy/config.json", "policy/model.safetensors", "policy/tokenizer.json"} <= artifacts.keys()
+
+    policy_dir = download_artifact(run_id, "policy", tmp_path / "dl", uri)
+    exported = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    expected = _perturbed_policy(str(random_model_dir))
+    for name, param in expected.named_parameters():
+        assert torch.equal(exported.get_parameter(name), param), name
+    assert exported.get_output_embeddings().weight.data_ptr() == exported.get_input_embeddings().weight.data_ptr()
+    text = "what is 12+7? 19."
+    assert AutoTokenizer.from_pretrained(policy_dir)(text).input_ids == AutoTokenizer.from_pretrained(random_model_dir)(
+        text
+    ).input_ids
+
+
+def test_report_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing.db"
+    assert vapo(["report", "abc", "--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp_path / "out")]) == 2
+    expected = f"vapo report: no MLflow store at sqlite:///{missing} (the file does not exist)"
+    assert capsys.readouterr().err.strip() == expected
+    assert not missing.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="nothing to plot"):
+        write_plots({"rollout/acc": [], "unrelated": [(1, 1.0)]}, tmp_path / "empty")
