@@ -208,6 +208,11 @@ class ActorClient(_Client):
         """Tickets not settled yet."""
         return len(self._tickets)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent on this client's connection whose reply has not arrived (at most `max_in_flight`)."""
+        return self._rq.in_flight
+
     def _transmit(self, ticket: int, indices: list[int]) -> None:
         t = self._tickets[ticket]
         req_id = self._rq.send(encode("submit", self._ids(), [t.encoded[i] for i in indices]))
