@@ -412,11 +412,26 @@ class DeployConfig:
     """Restart an actor that dies; it rejoins the weight group and fetches the current weights."""
     health_check_s: float = 10.0
     """Interval of the health checks of actors and learner ranks."""
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each actor requests, e.g. {actor_node: 1} to place actors on nodes started with it."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each learner rank requests, e.g. {learner_node: 1}."""
+    placement_timeout_s: float = 60.0
+    """Wait this long for free resources for the learner ranks or an actor, then fail naming what was missing."""
 
     def __post_init__(self) -> None:
         for key in ("learner_cpus", "learner_gpus", "actor_cpus", "actor_gpus"):
             _non_negative(getattr(self, key), f"deploy.{key}")
         _positive(self.health_check_s, "deploy.health_check_s")
+        _positive(self.placement_timeout_s, "deploy.placement_timeout_s")
+        for key in ("actor_resources", "learner_resources"):
+            for name, amount in getattr(self, key).items():
+                _require(
+                    name not in ("CPU", "GPU", "memory", "object_store_memory"),
+                    f"deploy.{key}.{name}",
+                    "is a built-in Ray resource; set deploy.actor_cpus/actor_gpus/learner_cpus/learner_gpus instead",
+                )
+                _non_negative(amount, f"deploy.{key}.{name}")
 
 
 @dataclass
