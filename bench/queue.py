@@ -17,22 +17,26 @@ and, last, `queue/raw_zmq throughput ratio (large groups): X`.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import multiprocessing as mp
-import socket
-import statistics
 import sys
-import threading
-import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import zmq
+# Run as a script, Python puts bench/ first on sys.path, where this very file would shadow the
+# standard library's `queue`; the repository root goes there instead, so `shared` imports too.
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
 
 from shared.config import LearnerConfig, QueueConfig, RolloutConfig, VapoConfig  # noqa: E402
 from shared.queue_client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
@@ -190,19 +194,50 @@ def pusher_main(address: str, tokens: int, count: int) -> None:
     zmq.Context.instance().term()  # waits until zmq is done with the zero-copy frames, before they are freed
 
 
-def run_raw(num_groups: int, tokens: int) -> tuple[float, int]:
-    """Seconds and bytes for the same frames through a bare PUSH/PULL pair."""
+def forwarder_main(pull_address: str, push_address: str) -> None:
+    """A bare zmq.proxy PULL -> PUSH (C, no Python per message): the least a hop through a process costs."""
+    ctx = zmq.Context.instance()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    for sock, option in ((pull, zmq.RCVHWM), (push, zmq.SNDHWM)):
+        sock.setsockopt(option, 8)
+        sock.setsockopt(zmq.LINGER, -1)
+    pull.bind(pull_address)
+    push.connect(push_address)
+    try:
+        zmq.proxy(pull, push)
+    except zmq.ContextTerminated:
+        pass
+
+
+def run_raw(num_groups: int, tokens: int, num_pushers: int, *, forwarded: bool = False) -> tuple[float, int]:
+    """Seconds and bytes for the same frames from `num_pushers` PUSH sockets to one PULL.
+
+    `forwarded`: through a forwarding process in between (a diagnostic, not the baseline: the
+    ceiling of any queue that runs as its own process and so adds a second hop).
+    """
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 8)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    pusher = SPAWN.Process(target=pusher_main, args=(f"tcp://127.0.0.1:{port}", tokens, num_groups + 1))
-    pusher.start()
-    sock.recv_multipart(copy=False)  # the first one starts the clock, as for the queue
+    target, forwarder = f"tcp://127.0.0.1:{port}", None
+    if forwarded:
+        target = f"tcp://127.0.0.1:{free_port()}"
+        forwarder = SPAWN.Process(target=forwarder_main, args=(target, f"tcp://127.0.0.1:{port}"), daemon=True)
+        forwarder.start()
+    shares = [num_groups // num_pushers + (i < num_groups % num_pushers) for i in range(num_pushers)]
+    shares[0] += 1  # the first message starts the clock, as for the queue
+    pushers = [SPAWN.Process(target=pusher_main, args=(target, tokens, n)) for n in shares]
+    for p in pushers:
+        p.start()
+    sock.recv_multipart(copy=False)
     start, nbytes = time.perf_counter(), 0
     for _ in range(num_groups):
         nbytes += sum(f.buffer.nbytes for f in sock.recv_multipart(copy=False)[1:])
     elapsed = time.perf_counter() - start
-    pusher.join()
+    for p in pushers:
+        p.join()
+    if forwarder is not None:
+        forwarder.kill()
+        forwarder.join()
     sock.close()
     return elapsed, nbytes
 
@@ -219,9 +254,33 @@ def codec_ms(tokens: int, repeats: int = 50) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _groups_first(measured: tuple[float, int, int]) -> tuple[int, float, int]:
+    seconds, nbytes, groups = measured
+    return groups, seconds, nbytes
+
+
+def measure(tokens: int, count: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Median (groups/s, bytes/s) of each path over `args.repeats` interleaved rounds."""
+    paths: dict[str, Any] = {
+        "raw": lambda: (count, *run_raw(count, tokens, args.raw_pushers)),
+        "raw_two_hops": lambda: (count, *run_raw(count, tokens, args.raw_pushers, forwarded=True)),
+        "process": lambda: _groups_first(run_queue(count, tokens, args.actors, free_port(), embedded=False)),
+        "embedded": lambda: _groups_first(run_queue(count, tokens, args.actors, free_port(), embedded=True)),
+    }
+    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
+    for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every path alike
+        for path, run in paths.items():
+            groups, seconds, nbytes = run()
+            rates[path].append((groups / seconds, nbytes / seconds))
+        if args.verbose:
+            print({k: round(v[-1][0]) for k, v in rates.items()}, flush=True)
+    return {k: (statistics.median(g for g, _ in v), statistics.median(b for _, b in v)) for k, v in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--raw-pushers", type=int, default=1, help="PUSH processes of the raw baseline")
     parser.add_argument("--large-groups", type=int, default=400)
     parser.add_argument("--small-groups", type=int, default=4000, help="0 skips the small groups")
     parser.add_argument("--repeats", type=int, default=3)
@@ -231,24 +290,19 @@ def main() -> None:
     print(f"encode+decode of a small group ({G} x {SMALL} tokens): {codec_ms(SMALL):.3f} ms (median of 50)")
     ratios: dict[tuple[str, str], float] = {}
     sizes = [s for s in (("small", SMALL, args.small_groups), ("large", LARGE, args.large_groups)) if s[2] > 0]
+    actors = f"{args.actors} actor{'s' * (args.actors > 1)}"
+    labels = {"raw_two_hops": "raw zmq PUSH -> forwarding process -> PULL (diagnostic)",
+              "process": f"queue (its own process, {actors})", "embedded": f"queue (embedded in the learner, {actors})"}
     for name, tokens, count in sizes:
-        rates: dict[str, list[tuple[float, float]]] = {"raw": [], "process": [], "embedded": []}
-        for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every path alike
-            r_s, r_bytes = run_raw(count, tokens)
-            rates["raw"].append((count / r_s, r_bytes / r_s))
-            for mode in ("process", "embedded"):
-                q_s, q_bytes, q_count = run_queue(count, tokens, args.actors, free_port(), embedded=mode == "embedded")
-                rates[mode].append((q_count / q_s, q_bytes / q_s))
-            if args.verbose:
-                print({k: round(v[-1][0]) for k, v in rates.items()}, flush=True)
-        median = {k: (statistics.median(g for g, _ in v), statistics.median(b for _, b in v)) for k, v in rates.items()}
-        print(f"{name} groups ({G} x {tokens} tokens), median of {args.repeats}: raw zmq PUSH/PULL "
+        median = measure(tokens, count, args)
+        head = f"{name} groups ({G} x {tokens} tokens), median of {args.repeats}:"
+        print(f"{head} raw zmq PUSH/PULL ({args.raw_pushers} pusher{'s' * (args.raw_pushers > 1)}) "
               f"{median['raw'][0]:,.0f} groups/s {median['raw'][1] / 1e6:,.0f} MB/s")
-        for mode in ("process", "embedded"):
-            ratios[name, mode] = median[mode][0] / median["raw"][0]
-            print(f"{name} groups ({G} x {tokens} tokens), median of {args.repeats}: queue ({mode}, "
-                  f"{args.actors} actor{'s' * (args.actors > 1)}) {median[mode][0]:,.0f} groups/s "
-                  f"{median[mode][1] / 1e6:,.0f} MB/s | ratio {ratios[name, mode]:.2f}")
+        for path, label in labels.items():
+            ratios[name, path] = median[path][0] / median["raw"][0]
+            print(f"{head} {label} {median[path][0]:,.0f} groups/s {median[path][1] / 1e6:,.0f} MB/s "
+                  f"| ratio {ratios[name, path]:.2f}")
+        print(f"{head} queue (its own process) / raw two hops: {median['process'][0] / median['raw_two_hops'][0]:.2f}")
     if ("large", "process") in ratios:
         print(f"queue (embedded in the learner)/raw_zmq throughput ratio (large groups): "
               f"{ratios['large', 'embedded']:.2f}")

@@ -22,6 +22,11 @@ rewards, token versions older than the group's `policy_version` (which would und
 lag) and messages over the size limit. `reason` is a short code the receiver counts; the
 receiver drops the message and keeps serving.
 
+One exception, `trusted_groups`: the queue validated every group when it was submitted, so
+the learner decodes a batch checking only the groups' structure (fields present, frame sizes,
+offsets) and not each field's type nor the arrays' values again. That saves a second pass
+over every array on the second hop (and the Python cost of the per-field checks).
+
 `sign`/`verify` are the optional shared-secret mode: HMAC-SHA256 over the length-prefixed
 frames, appended by the transport as one more frame. They authenticate a peer; they do not
 stop a replay of a recorded message.
@@ -304,9 +309,28 @@ def _array(frame: Buffer, desc: dict[str, Any], dtype: np.dtype, name: str) -> n
     return np.frombuffer(frame, dtype=dtype)
 
 
-def _decode_group(header: Any, frames: Sequence[Buffer], where: str) -> RolloutGroup:
-    """Validate one group header against its four frames; arrays are views of the frames."""
-    h = _fields(header, _GROUP, where)
+def _check_values(arrays: dict[str, np.ndarray], policy_version: int, where: str) -> None:
+    """The scans over a group's arrays: finite log-probs, token ids >= 0, token versions >= policy_version."""
+    if not np.isfinite(arrays["behavior_logprobs"]).all():
+        raise WireError("non_finite", f"{where}.behavior_logprobs")
+    if arrays["token_ids"].size and (arrays["token_ids"].min() < 0 or arrays["token_versions"].min() < policy_version):
+        raise WireError("bad_value", f"{where}: negative token id or token version older than policy_version")
+    if arrays["prompt_token_ids"].size and arrays["prompt_token_ids"].min() < 0:
+        raise WireError("bad_value", f"{where}.prompt_token_ids negative")
+
+
+def _decode_group(header: Any, frames: Sequence[Buffer], where: str, *, trusted: bool = False) -> RolloutGroup:
+    """Validate one group header against its four frames; arrays are views of the frames.
+
+    `trusted`: the sender validated the group (the queue's batches); only the structure (fields
+    present, array sizes, offsets) is checked, not each field's type nor the arrays' values.
+    """
+    if trusted:
+        if type(header) is not dict or header.keys() != _GROUP.keys():
+            raise WireError("malformed", f"{where}: not a group header")
+        h = header
+    else:
+        h = _fields(header, _GROUP, where)
     arrays = {name: _array(frames[i], h[name], dtype, f"{where}.{name}") for i, (name, dtype) in enumerate(_ARRAYS)}
     offsets = np.asarray(h["offsets"], dtype=np.int64)
     num_responses = len(offsets) - 1
@@ -319,12 +343,8 @@ def _decode_group(header: Any, frames: Sequence[Buffer], where: str) -> RolloutG
         raise WireError("length_mismatch", f"{where}: tokens, log-probs and versions differ in length")
     if offsets[0] != 0 or offsets[-1] != num_tokens or np.any(np.diff(offsets) < 0):
         raise WireError("length_mismatch", f"{where}: offsets do not partition {num_tokens} tokens")
-    if not np.isfinite(arrays["behavior_logprobs"]).all():
-        raise WireError("non_finite", f"{where}.behavior_logprobs")
-    if num_tokens and (arrays["token_ids"].min() < 0 or arrays["token_versions"].min() < h["policy_version"]):
-        raise WireError("bad_value", f"{where}: negative token id or token version older than policy_version")
-    if arrays["prompt_token_ids"].size and arrays["prompt_token_ids"].min() < 0:
-        raise WireError("bad_value", f"{where}.prompt_token_ids negative")
+    if not trusted:
+        _check_values(arrays, h["policy_version"], where)
     return RolloutGroup(
         lease_id=h["lease_id"], prompt_id=h["prompt_id"], prompt_token_ids=arrays["prompt_token_ids"],
         ground_truth=h["ground_truth"], data_source=h["data_source"], actor_id=h["actor_id"],
@@ -337,10 +357,12 @@ def _decode_group(header: Any, frames: Sequence[Buffer], where: str) -> RolloutG
 
 
 def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = KINDS,
-           max_group_bytes: int | None = None) -> Message:
+           max_group_bytes: int | None = None, trusted_groups: bool = False) -> Message:
     """Validate and decode one message; raises WireError(reason) for anything off.
 
     `max_bytes` bounds the whole message, `max_group_bytes` (default: max_bytes) each group in it.
+    `trusted_groups`: its groups were validated by the sender (a batch from the queue, which
+    validated each on submit): check their structure only (see `_decode_group`).
     """
     if not frames or memoryview(frames[0]).nbytes == 0:
         raise WireError("empty")
@@ -365,7 +387,7 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = K
         gframes = list(frames[1 + FRAMES_PER_GROUP * i: 1 + FRAMES_PER_GROUP * (i + 1)])
         if sum(memoryview(f).nbytes for f in gframes) > limit:
             raise WireError("too_large", f"group {i} over {limit} bytes")
-        msg.groups.append(_decode_group(gh, gframes, f"{kind}.groups[{i}]"))
+        msg.groups.append(_decode_group(gh, gframes, f"{kind}.groups[{i}]", trusted=trusted_groups))
         msg.encoded_groups.append((gh, gframes))
     return msg
 

@@ -102,6 +102,24 @@ def test_batch_of_several_groups() -> None:
     assert [g.token_ids.tolist() for g in got] == [g.token_ids.tolist() for g in groups]
 
 
+def test_trusted_groups_give_the_same_groups_and_skip_only_the_value_scans() -> None:
+    """A batch from the queue (which validated each group on submit) is checked for structure, not values."""
+    group = _group()
+    checked, trusted = (decode(_submit(group), max_bytes=LIMIT, trusted_groups=t).groups[0] for t in (False, True))
+    for name in ("prompt_token_ids", "token_ids", "behavior_logprobs", "token_versions", "offsets", "rewards",
+                 "correct"):
+        np.testing.assert_array_equal(getattr(trusted, name), getattr(checked, name))
+    assert vars(trusted).keys() == vars(checked).keys() and trusted.finish_reasons == checked.finish_reasons
+    bad = group.behavior_logprobs.copy()
+    bad[3] = np.nan
+    assert np.isnan(decode(_with_frame(3, bad), max_bytes=LIMIT, trusted_groups=True).groups[0].behavior_logprobs[3])
+    assert _reason(_with_frame(3, bad[:-1]), trusted_groups=True) == "length_mismatch"
+    assert _reason(_submit()[:-1], trusted_groups=True) == "length_mismatch"
+    assert _reason(_mutate(_submit(), _set_group("offsets", [0, 4, 9])), trusted_groups=True) == "length_mismatch"
+    assert _reason(_mutate(_submit(), _set_group("colour", "blue")), trusted_groups=True) == "malformed"
+    assert _reason(_mutate(_submit(), lambda h: h.update(schema=2)), trusted_groups=True) == "schema_version"
+
+
 def _set_group(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def fn(header: dict[str, Any]) -> None:
         target = header["groups"][0]
