@@ -104,15 +104,21 @@ def _format_expr(operands: list[int], operators: list[str]) -> str:
     return " ".join(parts)
 
 
-def solve(operands: list[int], operators: list[str]) -> tuple[list[str], int] | None:
-    """Worked solution lines (without the Answer line) and the value, or None if out of range."""
+def solve(
+    operands: list[int], operators: list[str], slips: dict[int, int] | None = None
+) -> tuple[list[str], int] | None:
+    """Worked solution lines (without the Answer line) and the value, or None if out of range.
+
+    `slips` maps a step index to an error added to that step's result (an arithmetic slip the
+    rest of the solution then builds on); None or {} gives the correct solution.
+    """
     if len(operands) != len(operators) + 1 or not operators:
         raise ValueError(f"need n operators and n + 1 operands, got {len(operators)} and {len(operands)}")
     nums, ops = list(operands), list(operators)
     lines: list[str] = []
     while ops:
         i = ops.index("*") if "*" in ops else 0
-        value = _apply(nums[i], ops[i], nums[i + 1])
+        value = _apply(nums[i], ops[i], nums[i + 1]) + (slips or {}).get(len(operators) - len(ops), 0)
         if not 0 <= value <= MAX_VALUE:
             return None
         lines.append(f"{nums[i]} {ops[i]} {nums[i + 1]} = {value}")
@@ -136,6 +142,40 @@ def make_problem(operands: list[int], operators: list[str]) -> Problem | None:
     solution = "\n".join([*lines, f"Answer: {value}"])
     prompt = f"Compute {_format_expr(operands, operators)}."
     return Problem(prompt=prompt, ground_truth=str(value), solution=solution, num_steps=len(operators))
+
+
+def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
+    """Operands and operators of a prompt `Compute <expression>.`; raises ValueError for any other text."""
+    if not (prompt.startswith("Compute ") and prompt.endswith(".")):
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    parts = prompt[len("Compute ") : -1].split(" ")
+    operands, operators = parts[0::2], parts[1::2]
+    if len(parts) % 2 == 0 or not all(x.isdigit() for x in operands) or any(op not in OPERATORS for op in operators):
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    return [int(x) for x in operands], operators
+
+
+def slipped_solution(problem: Problem, rng: random.Random, slip_prob: float, max_slip: int = 3) -> str:
+    """The worked solution with arithmetic slips: each step's result is off by 1..`max_slip` with
+    probability `slip_prob`, and the rest of the solution, the answer included, follows from it.
+
+    A noisy demonstration, as human-written solutions are: a model trained on such text makes
+    the same kind of slip when it samples, while its most likely continuation stays right.
+    A slip that would take a later value out of [0, MAX_VALUE] is not made.
+    """
+    if not 0.0 <= slip_prob <= 1.0 or max_slip < 1:
+        raise ValueError(f"need slip_prob in [0, 1] and max_slip >= 1; got {slip_prob}, {max_slip}")
+    operands, operators = parse_prompt(problem.prompt)
+    slips: dict[int, int] = {}
+    for step in range(len(operators)):
+        if rng.random() < slip_prob:
+            trial = {**slips, step: rng.choice([-1, 1]) * rng.randint(1, max_slip)}
+            if solve(operands, operators, trial) is not None:
+                slips = trial
+    solved = solve(operands, operators, slips)
+    assert solved is not None, "every accepted slip keeps the values in range"
+    lines, value = solved
+    return "\n".join([*lines, f"Answer: {value}"])
 
 
 def extract_answer(response: str) -> str | None:

@@ -130,3 +130,35 @@ def test_the_run_verifier_accepts_every_worked_solution() -> None:
         assert reward.score(problem.solution, problem.ground_truth).correct
         wrong = problem.solution.rsplit("Answer:", 1)[0] + f"Answer: {int(problem.ground_truth) + 1}"
         assert not reward.score(wrong, problem.ground_truth).correct
+
+
+def test_parse_prompt_inverts_the_prompt_and_refuses_other_text() -> None:
+    for problem in generate(30, seed=4):
+        operands, operators = arithmetic.parse_prompt(problem.prompt)
+        assert make_problem(operands, operators) == problem
+    for bad in ["Compute 1 +.", "Compute 1 / 2.", "Add 1 + 2.", "Compute 1 + 2"]:
+        with pytest.raises(ValueError, match="not an arithmetic prompt"):
+            arithmetic.parse_prompt(bad)
+
+
+def test_slipped_solutions_stay_self_consistent_and_slip_at_the_asked_rate() -> None:
+    import random
+
+    problems = generate(400, seed=5)
+    rng = random.Random(0)
+    assert all(arithmetic.slipped_solution(p, rng, 0.0) == p.solution for p in problems)
+    slipped_steps = total_steps = 0
+    for p in problems:
+        text = arithmetic.slipped_solution(p, rng, 0.3)
+        lines = text.splitlines()
+        steps = [line for line in lines if not line.startswith(("=", "Answer:"))]
+        assert len(steps) == p.num_steps and lines[-1].startswith("Answer: ")
+        for line in steps:  # "a op b = c": a slip is a wrong c, and later lines build on it
+            left, c = line.split(" = ")
+            a, op, b = left.split(" ")
+            truth = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert 0 <= int(c) <= arithmetic.MAX_VALUE and abs(int(c) - truth) <= 3
+            slipped_steps += int(c) != truth
+        total_steps += p.num_steps
+        assert lines[-1] == f"Answer: {steps[-1].split(' = ')[1]}"  # the answer follows the last step
+    assert 0.2 < slipped_steps / total_steps < 0.32  # a slip is skipped only when it would leave the range
