@@ -106,8 +106,9 @@ def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
             version = max(version, reply.version)
             if reply.reason == "stopping":
                 break
-            if not reply.leases:
-                for ticket_statuses in submitter.results(reply.retry_after_s).values():
+            if not reply.leases:  # no room until the learner publishes a version, which the queue broadcasts
+                client.poll_broadcast(timeout_s=max(reply.retry_after_s, 0.05))
+                for ticket_statuses in submitter.results().values():
                     statuses.update(ticket_statuses)
                 continue
             for lease in reply.leases:

@@ -13,7 +13,7 @@ Failure modes.
   request id would lose it. Batch requests use a client name of their own, so `stats()` and
   `publish_version()` in between do not supersede them.
 - A rejected message (`error` reply) raises WireError with the queue's reason; it is not
-  resent. For groups sent with `ActorClient.send` it becomes each group's status instead
+  resent. For a submit (`submit` or `send`) it becomes each of its groups' status instead
   (`rejected:<reason>`).
 - Pipelined submits (`ActorClient.send`): up to `max_in_flight` submit requests travel at
   once, so an actor does not wait a round trip per group; `send` blocks only while the
@@ -33,7 +33,7 @@ import heapq
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +220,7 @@ class ActorClient(_Client):
         self._submits[req_id] = (ticket, indices)
         t.request_ids.add(req_id)
 
-    def _wait_until(self, done: Any, timeout_s: float | None) -> None:
+    def _wait_until(self, done: Callable[[], bool], timeout_s: float | None) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not done():
             now = time.monotonic()
@@ -275,7 +275,10 @@ class ActorClient(_Client):
             self._done[ticket] = self._tickets.pop(ticket).statuses
 
     def _abandon(self, ticket: int) -> None:
-        t = self._tickets.pop(ticket)
+        t = self._tickets.pop(ticket, None)
+        if t is None:  # settled meanwhile
+            self._done.pop(ticket, None)
+            return
         for req_id in t.request_ids:
             self._rq.abandon(req_id)
             del self._submits[req_id]

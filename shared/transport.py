@@ -62,6 +62,7 @@ Failure modes.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -346,7 +347,7 @@ class Requester:
     def pump(self, timeout_s: float = 0.0) -> int:
         """Receive the replies that arrived, waiting up to `timeout_s` for the first; returns how many."""
         received = 0
-        wait_ms = max(0, int(timeout_s * 1000))
+        wait_ms = max(0, math.ceil(timeout_s * 1000))
         while self._sock.poll(wait_ms, zmq.POLLIN):
             wait_ms = 0
             frames = _authentic(self._secret, _views(self._sock.recv_multipart(copy=False)))
