@@ -38,11 +38,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """Print the resolved configuration."""
-    from shared.config import to_yaml
+    """Print the resolved configuration (or, with --get KEY, one value of it)."""
+    from shared.config import flatten, to_yaml
 
-    print(to_yaml(_load(args)), end="")
+    cfg = _load(args)
+    if args.get is None:
+        print(to_yaml(cfg), end="")
+        return 0
+    values = flatten(cfg)
+    if args.get not in values:
+        raise ValueError(f"--get {args.get}: no such key")
+    print(values[args.get])
     return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--get", metavar="KEY", default=None, help="print only this dotted key's value (e.g. run_dir)")
+    _add_config_args(p)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -83,6 +95,69 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def _scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("num_actors", type=int)
     p.add_argument("--address", default="auto", help="Ray cluster address")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the cluster's nodes and resources and the running job's actors, placements and last step."""
+    import json
+
+    from deploy.launch import cluster_status
+
+    status = cluster_status(args.address)
+    print(json.dumps(status, default=str) if args.json else "\n".join(_status_lines(status)))
+    return 0
+
+
+def _status_lines(status: dict) -> list[str]:
+    """Human-readable `vapo status`: one line for the cluster, one per node, then the job."""
+    nodes = [n for n in status["nodes"] if n["alive"]]
+    total: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n["resources"].items():
+            total[k] = total.get(k, 0.0) + v
+    shown = [k for k in sorted(total) if "memory" not in k and not k.startswith("node:")]
+    free = ", ".join(f"{k} {status['available'].get(k, 0.0):g}/{total[k]:g}" for k in shown)
+    lines = [f"cluster: {len(nodes)} node(s); free/total: {free}"]
+    for n in nodes:
+        res = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources"].items()) if k in shown)
+        head = " (head)" if "node:__internal_head__" in n["resources"] else ""
+        lines.append(f"  node {n['node_id'][:8]} {n['ip']}{head}: {res}")
+    job = status["job"]
+    if job is None:
+        return [*lines, "job: none running"]
+    where = ", ".join(f"{a}@{(node or 'starting')[:8]}" for a, node in sorted(job["actor_nodes"].items()))
+    lines.append(f"job: {len(job['actors'])} actor(s) [{where}], {job['restarts']} restart(s)")
+    m = job["progress"]
+    if m:
+        lines.append(
+            f"  step {int(m.get('train/version', 0))} | reward {m.get('rollout/reward_mean', 0):+.3f}"
+            f" | acc {m.get('rollout/acc', 0):.3f} | len {m.get('rollout/len_mean', 0):.0f}"
+            f" | lag {m.get('async/version_lag_mean', 0):.2f}"
+        )
+    else:
+        lines.append("  no learner step yet")
+    return lines
+
+
+def cmd_stop_nodes(args: argparse.Namespace) -> int:
+    """Stop the driver and the Ray processes of the nodes started with these temp dirs (not `ray stop`)."""
+    from deploy.cluster import stop_nodes
+
+    pids, killed = stop_nodes(args.temp_dirs, address=args.address, driver_pid=args.driver_pid, grace_s=args.grace)
+    print(f"stopped {len(pids)} process(es)" + (f", {len(killed)} of them with SIGKILL" if killed else ""))
+    return 0
+
+
+def _stop_nodes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("temp_dirs", nargs="+", metavar="TEMP_DIR", help="the --temp-dir of each node started here")
+    p.add_argument("--address", default=None, help="the head's GCS address (stops its Ray client server too)")
+    p.add_argument("--driver-pid", type=int, default=None, help="the job's driver, stopped first (SIGTERM)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -155,7 +230,9 @@ def _tiny_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "train": (cmd_train, _add_config_args, "train (queue, learner ranks and actors on Ray)"),
     "scale": (cmd_scale, _scale_args, "change the number of actors of the running job"),
-    "config": (cmd_config, _add_config_args, "print the resolved configuration"),
+    "status": (cmd_status, _status_args, "the Ray cluster's nodes and resources, and the running job"),
+    "stop-nodes": (cmd_stop_nodes, _stop_nodes_args, "stop the Ray nodes started here with these temp dirs"),
+    "config": (cmd_config, _config_args, "print the resolved configuration"),
     "queue": (cmd_queue, _add_config_args, "run the replay queue service"),
     "make-tiny-model": (cmd_make_tiny_model, _tiny_args, "build the tiny Qwen2-style model and its tokenizer"),
     "doctor": (cmd_doctor, _doctor_args, "health checks (weight-sync: vLLM log-prob parity after a push)"),

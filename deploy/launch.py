@@ -5,9 +5,13 @@ The only module that imports Ray. `train(cfg)` is what `vapo train CONFIG` runs:
 1. resolve paths (the tiny model is built on first use; relative run and MLflow paths become
    absolute, since Ray workers do not share the driver's working directory);
 2. `ray.init` (a local instance unless `deploy.ray_address`); a placement group reserves every
-   learner rank's CPUs/GPUs together, so a run that cannot fit fails at once with the resources
-   it asked for rather than hanging half-started;
-3. the queue (a Ray actor running `shared.queue_service.serve` in a thread; on resume it starts
+   learner rank's CPUs/GPUs (and `deploy.learner_resources`) together, and each actor gets its own
+   one-bundle group (`deploy.actor_resources` places actors on the nodes that were started with that
+   resource), so a run that cannot fit fails with the resources it asked for rather than hanging
+   half-started: at once when no node could ever hold a bundle, after `deploy.placement_timeout_s`
+   when they fit but are taken (Ray's placement groups otherwise wait forever);
+3. the queue (a Ray actor pinned to the driver's node, so `queue.host` is the machine `vapo train`
+   runs on; it runs `shared.queue_service.serve` in a thread; on resume it starts
    from the checkpoint's cursor and version), the learner ranks (rank 0 owns the queue client,
    the weight-group membership manager and the MLflow run) and the controller, a named Ray
    actor (`vapo-controller`) that starts the rollout actors, restarts dead ones and changes
@@ -21,9 +25,17 @@ check (the Ray actor died, or its loop ended with an error) and replaced under t
 leases expire in the queue and are re-issued, and the new process registers with the learner's
 weight group and receives the current weights before it generates.
 
+A cluster (`deploy/start_cluster.sh`, several nodes) is joined with `connect`; `cluster_status` reads
+its nodes and the running job (actors, where they run, the learner's last step) for `vapo status`.
+An actor's placement group outlives restarts of the actor (the replacement lands where it was) and is
+released when the actor is scaled away.
+
 Failure modes: a dead learner rank ends the run with an error (restart with `resume=true`);
 no Ray cluster at `deploy.ray_address`, a missing model path or a port in use fail before anything
-starts, with one line.
+starts, with one line; resources that cannot be placed fail with one line naming what was asked
+and what the cluster has (a `scale` that cannot place every new actor keeps the ones it placed).
+
+Longer than ~400 lines because it is the only module allowed to import Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from typing import Any
 
 import ray
 
+from deploy import cluster
 from shared.config import VapoConfig
 
 log = logging.getLogger("vapo.launch")
@@ -111,6 +124,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# ---- cluster connection and placement -------------------------------------------------------
+
+
+def connect(address: str, label: str = "deploy.ray_address", *, log_to_driver: bool = True) -> None:
+    """`ray.init` on the running cluster at `address` (host:port or auto); one line when none answers there."""
+    cluster.check_address(address, label)
+    cluster.use_token_if_available()
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise ValueError(f"{label}={address}: no Ray cluster there, or not its auth token ({e})") from None
+
+
+def _get(ref: Any, timeout: float | None = None) -> Any:
+    """`ray.get`, re-raising a ValueError raised inside a Ray actor as its one line."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ValueError):
+            raise ValueError(str(e.cause)) from None
+        raise
+
+
+def reserve(bundles: list[dict[str, float]], what: str, timeout_s: float) -> Any:
+    """A ready PACK placement group for `bundles` (None when they request nothing), or a one-line ValueError:
+    at once when the cluster could never hold them, after `timeout_s` when they fit but are taken."""
+    from ray.util.placement_group import placement_group
+
+    if not any(bundles):
+        return None
+    nodes = ray.nodes()
+    problem = cluster.placement_problem(bundles, nodes)
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}")
+    pg = placement_group(bundles, strategy="PACK")
+    if not pg.wait(timeout_seconds=timeout_s):
+        ray.util.remove_placement_group(pg)
+        needed, available = cluster.total_request(bundles), ray.available_resources()
+        free = {k: available.get(k, 0.0) for k in needed}
+        nodes_line = cluster.describe_nodes(nodes)
+        raise ValueError(f"{what}: {needed} not free after {timeout_s:g} s (free now: {free}; cluster: {nodes_line})")
+    return pg
+
+
+def _in_group(pg: Any, index: int = 0) -> Any:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(pg, index) if pg is not None else None
+
+
 # ---- Ray actors ---------------------------------------------------------------------------
 
 
@@ -163,7 +226,12 @@ class RolloutWorker:
             self.error = f"{type(e).__name__}: {e}"
 
     def health(self) -> dict[str, Any]:
-        return {"alive": self._thread.is_alive(), "error": self.error, "pid": os.getpid()}
+        return {
+            "alive": self._thread.is_alive(),
+            "error": self.error,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def stop(self) -> Any:
         self._stop.set()
@@ -247,6 +315,7 @@ class Controller:
     def __init__(self, cfg: VapoConfig, model_path: str) -> None:
         self.cfg, self.model_path = cfg, model_path
         self.workers: dict[int, Any] = {}
+        self.groups: dict[int, Any] = {}  # actor id -> its placement group, kept across restarts
         self.restarts = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -254,23 +323,40 @@ class Controller:
 
     def _start(self, actor_id: int) -> None:
         d = self.cfg.deploy
+        gpus = d.actor_gpus * self.cfg.actors.tensor_parallel_size
+        if actor_id not in self.groups:
+            one = cluster.resource_bundle(d.actor_cpus, gpus, d.actor_resources)
+            self.groups[actor_id] = reserve([one], f"actor {actor_id}", d.placement_timeout_s)
         self.workers[actor_id] = RolloutWorker.options(
             num_cpus=d.actor_cpus,
-            num_gpus=d.actor_gpus * self.cfg.actors.tensor_parallel_size,
+            num_gpus=gpus,
+            resources=dict(d.actor_resources),
+            scheduling_strategy=_in_group(self.groups[actor_id]),
             name=f"vapo-actor-{actor_id}",
             namespace=NAMESPACE,
         ).remote(self.cfg, actor_id, self.model_path)
+
+    def _release(self, actor_id: int) -> None:
+        pg = self.groups.pop(actor_id, None)
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
 
     def scale(self, num_actors: int) -> list[int]:
         """Start or stop actors so that `num_actors` run; returns their ids."""
         with self._lock:
             while len(self.workers) < num_actors:
-                self._start(max(self.workers, default=-1) + 1)
+                try:
+                    self._start(max(self.workers, default=-1) + 1)
+                except ValueError as e:
+                    raise ValueError(f"{e}; {len(self.workers)} actor(s) run") from None
             while len(self.workers) > num_actors:
                 actor_id = max(self.workers)
                 worker = self.workers.pop(actor_id)
-                ray.get(worker.stop.remote(), timeout=180)
-                ray.kill(worker)
+                try:
+                    ray.get(worker.stop.remote(), timeout=180)
+                finally:
+                    ray.kill(worker)
+                    self._release(actor_id)
             return sorted(self.workers)
 
     def _watch(self) -> None:
@@ -289,7 +375,14 @@ class Controller:
                         self._start(actor_id)
 
     def status(self) -> dict[str, Any]:
-        return {"actors": sorted(self.workers), "restarts": self.restarts}
+        """Actor ids, restarts, and the Ray node each actor runs on (None while it starts)."""
+        nodes: dict[int, str | None] = {}
+        for actor_id, worker in list(self.workers.items()):
+            try:
+                nodes[actor_id] = ray.get(worker.health.remote(), timeout=10)["node_id"]
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                nodes[actor_id] = None
+        return {"actors": sorted(self.workers), "restarts": self.restarts, "actor_nodes": nodes}
 
     def kill_actor(self, actor_id: int) -> None:
         """Kill an actor's process without notice (fault tests; the watcher restarts it)."""
@@ -305,6 +398,8 @@ class Controller:
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     reports.append(None)
             self.workers.clear()
+            for actor_id in list(self.groups):
+                self._release(actor_id)
             return reports
 
 
@@ -321,25 +416,14 @@ def _init_ray(cfg: VapoConfig) -> None:
             log_to_driver=True,
         )
         return
-    try:
-        ray.init(address=cfg.deploy.ray_address, namespace=NAMESPACE, log_to_driver=True)
-    except ConnectionError as e:
-        raise ValueError(f"deploy.ray_address={cfg.deploy.ray_address}: no Ray cluster there ({e})") from None
+    connect(cfg.deploy.ray_address)
 
 
 def _placement(cfg: VapoConfig):
-    from ray.util.placement_group import placement_group
-
     d = cfg.deploy
-    bundle = {"CPU": d.learner_cpus, **({"GPU": d.learner_gpus} if d.learner_gpus else {})}
-    pg = placement_group([dict(bundle) for _ in range(cfg.learner.num_ranks)], strategy="PACK")
-    if not pg.wait(timeout_seconds=60):
-        ray.util.remove_placement_group(pg)
-        raise ValueError(
-            f"not enough resources for {cfg.learner.num_ranks} learner rank(s) of {bundle} "
-            f"(cluster has {ray.available_resources()})"
-        )
-    return pg
+    one = cluster.resource_bundle(d.learner_cpus, d.learner_gpus, d.learner_resources)
+    n = cfg.learner.num_ranks
+    return reserve([dict(one) for _ in range(n)], f"learner ({n} rank(s))", d.placement_timeout_s)
 
 
 def _progress_line(m: dict[str, float], total: int, started: float, first_step: int) -> str:
@@ -371,14 +455,20 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
     pg = None
     try:
         pg = _placement(cfg)
-        queue = QueueProcess.options(num_cpus=0, name="vapo-queue").remote(cfg, cursor, version)
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        queue = QueueProcess.options(num_cpus=0, name="vapo-queue", scheduling_strategy=here).remote(
+            cfg, cursor, version
+        )
         ranks = [
             LearnerRank.options(
                 num_cpus=cfg.deploy.learner_cpus,
                 num_gpus=cfg.deploy.learner_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
+                resources=dict(cfg.deploy.learner_resources),
+                scheduling_strategy=_in_group(pg, i),
+                name=f"vapo-learner-{i}",
+                namespace=NAMESPACE,
             ).remote()
             for i in range(cfg.learner.num_ranks)
         ]
@@ -386,7 +476,11 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
         init_method = f"tcp://{master}:{_free_port()}"
         runs = [r.run.remote(cfg, i, len(ranks), init_method, model_path) for i, r in enumerate(ranks)]
         controller = Controller.options(name=CONTROLLER_NAME, num_cpus=0, lifetime=None).remote(cfg, model_path)
-        ray.get(controller.scale.remote(cfg.actors.num_actors))
+        actor_ids = _get(controller.scale.remote(cfg.actors.num_actors))
+        on_progress(
+            f"running: {len(ranks)} learner rank(s), {len(actor_ids)} actor(s), "
+            f"Ray cluster of {len(ray.nodes())} node(s)"
+        )
         started, last_step = time.time(), -1
         first_step = checkpoint.read_meta(ckpt)["step"] if ckpt is not None else 0
         while True:
@@ -409,11 +503,43 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
         ray.shutdown()
 
 
-def scale(num_actors: int, address: str = "auto") -> list[int]:
-    """Change the number of rollout actors of the running job (through its named controller)."""
-    ray.init(address=address, namespace=NAMESPACE)
+def _controller() -> Any:
     try:
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     except ValueError:
         raise ValueError("no running vapo job on this Ray cluster (controller not found)") from None
-    return ray.get(controller.scale.remote(num_actors))
+
+
+def scale(num_actors: int, address: str = "auto") -> list[int]:
+    """Change the number of rollout actors of the running job (through its named controller)."""
+    if num_actors < 0:
+        raise ValueError(f"the number of actors must be >= 0; got {num_actors}")
+    connect(address, "--address", log_to_driver=False)
+    try:
+        return _get(_controller().scale.remote(num_actors))
+    finally:
+        ray.shutdown()
+
+
+def cluster_status(address: str = "auto") -> dict[str, Any]:
+    """The cluster's nodes (resources total and free) and the running job: actors, their nodes, last step."""
+    connect(address, "--address", log_to_driver=False)
+    try:
+        nodes = [
+            {"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n["Resources"]}
+            for n in ray.nodes()
+        ]
+        status: dict[str, Any] = {"nodes": nodes, "available": ray.available_resources(), "job": None}
+        try:
+            controller = _controller()
+        except ValueError:
+            return status
+        job = _get(controller.status.remote(), timeout=60)
+        try:
+            job["progress"] = _get(ray.get_actor("vapo-learner-0", namespace=NAMESPACE).progress.remote(), 30)
+        except ValueError:  # the learner rank is gone: the job is ending
+            job["progress"] = {}
+        status["job"] = job
+        return status
+    finally:
+        ray.shutdown()
