@@ -12,8 +12,20 @@ goes up by one per push. A push is: every rank gathers full tensors one paramete
 broadcasts the weights. After a resume the first action is a push, so actors generate with
 the checkpoint's weights, never with stale ones.
 
+Stopping is collective. A stop request (SIGTERM in the main thread, or `stop_event`, which the
+Ray launcher sets on every rank when the driver gets SIGTERM/SIGINT or a rank's own process
+gets SIGTERM) is only looked at at a step boundary, through an all-reduce (MAX) of every rank's
+flag, so all ranks leave the loop after the same step and take part in the same checkpoint;
+a rank that left alone would hang the others in their next collective. The flags are reduced
+once before rank 0 takes a batch (so it does not take one it would not train on) and once
+after (rank 0 found the queue stopping). The checkpoint written on the way out holds the last
+finished step and the data cursor of that step's batch, so a batch taken but not trained is
+re-issued by the resumed queue.
+
 Failure modes: no batch within the wait -> keep waiting (the wait is logged as idle time);
-SIGTERM -> finish the current step, checkpoint, exit; the queue stopping -> checkpoint, exit.
+a stop request -> finish the current step, checkpoint, exit (a stop seen only by a rank other
+than 0 waits until rank 0 has its next batch, or its own stop); the queue stopping ->
+checkpoint, exit; a second SIGTERM -> the handler installed before (the process ends).
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +46,7 @@ import torch.distributed as dist
 
 from learner import checkpoint
 from learner.batching import Rollout
+from learner.final_artifacts import log_final_artifacts
 from learner.model import iter_full_params, load_policy, load_value_model, shard
 from learner.train_step import Learner
 from shared.config import VapoConfig
@@ -63,6 +77,8 @@ class LearnerReport:
     steps: int
     version: int
     metrics: list[dict[str, float]]
+    stopped: bool = False
+    """Ended early by a stop request, SIGTERM or the queue stopping (a checkpoint of `steps` was written)."""
 
 
 def rollouts_from_groups(groups: Sequence[RolloutGroup], first_group_index: int = 0) -> list[Rollout]:
@@ -211,50 +227,105 @@ def run_learner(
     stop_event: threading.Event | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> LearnerReport:
-    """Train until `learner.total_steps`, a stop request or SIGTERM; rank 0 passes source/pusher/tracker."""
+    """Train until `learner.total_steps`, a stop request or SIGTERM; rank 0 passes source/pusher/tracker.
+
+    A stop (`stop_event` set on any rank, SIGTERM when running in the main thread, the queue
+    stopping) takes effect at the next step boundary, on every rank at the same one: the loop
+    ends, a checkpoint of the last finished step is written and the report says `stopped`.
+    """
     stop = stop_event or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    torch.manual_seed(cfg.seed)
-    learner = build_learner(cfg, model_path, device)
-    version, cursor = 0, None
-    publisher = Publisher(learner, pusher, source)
-    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume else None
-    if ckpt is not None:
-        meta = checkpoint.load(learner, ckpt)
-        version, cursor = int(meta["version"]), meta["data_cursor"]
-        log.info("resumed from %s at step %d, version %d", ckpt, learner.step, version)
-        publisher.push(version)
-    history: list[dict[str, float]] = []
-    while learner.step < cfg.learner.total_steps and not stop.is_set():
-        t_wait = time.perf_counter()
-        groups, stats = _next_batch(cfg, source, stop, publisher) if is_rank0 else (None, None)
-        if _should_stop(groups is None and is_rank0):
-            break
-        wait_s = time.perf_counter() - t_wait
-        mine = scatter_groups(groups)
-        metrics = learner.train_step(rollouts_from_groups(mine))
-        compute_s = time.perf_counter() - t_wait - wait_s
-        if learner.step % cfg.sync.push_every == 0:
-            version += 1
-            metrics["sync/push_seconds"] = publisher.push(version)
-        if is_rank0:
-            assert groups is not None and stats is not None
-            cursor = stats.cursor
-            metrics.update(batch_metrics(groups, version - 1))
-            metrics.update(stats.metrics())
-            metrics["perf/learner_idle_frac"] = wait_s / max(wait_s + compute_s, 1e-9)
-            metrics["train/version"] = float(version)
-            history.append(metrics)
-            if tracker is not None and learner.step % cfg.tracking.log_every == 0:
-                tracker.log_metrics(metrics, step=learner.step)
-            if on_step is not None:
-                on_step(metrics)
-        if cfg.learner.checkpoint_every and learner.step % cfg.learner.checkpoint_every == 0:
+    with sigterm_sets(stop):
+        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        torch.manual_seed(cfg.seed)
+        learner = build_learner(cfg, model_path, device)
+        publisher = Publisher(learner, pusher, source)
+        version, cursor, resumed = _resume(cfg, learner, publisher)
+        history: list[dict[str, float]] = []
+        saved_step, stopped = (learner.step if resumed else -1), False  # a resumed step's checkpoint exists
+        while learner.step < cfg.learner.total_steps:
+            t_wait = time.perf_counter()
+            if _should_stop(stop.is_set()):  # before rank 0 takes a batch it would not train on
+                stopped = True
+                break
+            groups, stats = _next_batch(cfg, source, stop, publisher) if is_rank0 else (None, None)
+            if _should_stop(stop.is_set() or (is_rank0 and groups is None)):
+                stopped = True
+                break
+            wait_s = time.perf_counter() - t_wait
+            metrics = learner.train_step(rollouts_from_groups(scatter_groups(groups)))
+            compute_s = time.perf_counter() - t_wait - wait_s
+            if learner.step % cfg.sync.push_every == 0:
+                version += 1
+                metrics["sync/push_seconds"] = publisher.push(version)
+            if is_rank0:
+                assert groups is not None and stats is not None
+                cursor = stats.cursor
+                metrics.update(batch_metrics(groups, version - 1))
+                metrics.update(stats.metrics())
+                metrics["perf/learner_idle_frac"] = wait_s / max(wait_s + compute_s, 1e-9)
+                metrics["train/version"] = float(version)
+                history.append(metrics)
+                _report(cfg, metrics, learner.step, tracker, on_step)
+            if cfg.learner.checkpoint_every and learner.step % cfg.learner.checkpoint_every == 0:
+                checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
+                saved_step = learner.step
+        if stopped:
+            log.info("stopping at step %d (version %d): checkpointing, then exiting", learner.step, version)
+        if saved_step != learner.step:
             checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
-    checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
-    return LearnerReport(steps=learner.step, version=version, metrics=history)
+        log_final_artifacts(learner.policy, tracker, model_path)  # rank 0: plots/ and policy/ to MLflow
+    return LearnerReport(steps=learner.step, version=version, metrics=history, stopped=stopped)
+
+
+def _report(cfg: VapoConfig, metrics: dict[str, float], step: int, tracker: Any,
+            on_step: Callable[[dict[str, float]], None] | None) -> None:
+    if tracker is not None and step % cfg.tracking.log_every == 0:
+        tracker.log_metrics(metrics, step=step)
+    if on_step is not None:
+        on_step(metrics)
+
+
+def _resume(cfg: VapoConfig, learner: Learner, publisher: Publisher) -> tuple[int, Any, bool]:
+    """(version, data cursor, resumed): the latest checkpoint's when resuming (its weights pushed at once)."""
+    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume else None
+    if ckpt is None:
+        return 0, None, False
+    meta = checkpoint.load(learner, ckpt)
+    version = int(meta["version"])
+    log.info("resumed from %s at step %d, version %d", ckpt, learner.step, version)
+    publisher.push(version)  # before any actor generates: they wait for the learner's announced version
+    return version, meta["data_cursor"], True
+
+
+@contextmanager
+def sigterm_sets(stop: threading.Event) -> Iterator[None]:
+    """While inside, SIGTERM sets `stop` (only in the main thread, where Python runs signal handlers).
+
+    A second SIGTERM goes to the handler that was installed before, so a stuck process can still
+    be ended the usual way. The previous handler is restored on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    previous = signal.SIG_DFL if previous is None else previous  # a handler installed outside Python
+
+    def handler(signum: int, frame: Any) -> None:
+        if not stop.is_set():
+            log.warning("SIGTERM: stopping at the next step boundary (after a checkpoint)")
+            stop.set()
+        elif callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _should_stop(local: bool) -> bool:

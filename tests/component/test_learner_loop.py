@@ -2,11 +2,16 @@
 
 A synthetic actor thread leases prompts and returns groups of random tokens (no vLLM: the
 actor tests cover generation); the learner trains, publishes versions, checkpoints, logs to
-MLflow, and a resumed run continues with the same step and version numbers.
+MLflow, and a resumed run continues with the same step and version numbers. With two ranks
+(processes on gloo), a SIGTERM to rank 1 alone, which does not talk to the queue, stops both
+ranks at the same step boundary with one checkpoint of that step.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learner import checkpoint
 from learner.main import run_learner
-from shared.config import load_config
+from shared.config import VapoConfig, load_config
 from shared.queue_client import ActorClient, ClientSettings, LearnerClient
 from shared.queue_service import serve
 from shared.tracking import Tracker, metric_history
@@ -56,8 +62,8 @@ def _synthetic_actor(settings: ClientSettings, stop: threading.Event, vocab: int
     client.close()
 
 
-def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool) -> tuple:
-    cfg = load_config(
+def _loop_cfg(tmp_path: Path, *overrides: str) -> VapoConfig:
+    return load_config(
         [],
         [
             f"queue.port={free_port()}",
@@ -69,14 +75,17 @@ def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool)
             "learner.mini_batch_size=8",
             "learner.micro_batch_tokens=128",
             "algo.value_pretrain_steps=1",
-            f"learner.total_steps={total_steps}",
             "learner.checkpoint_every=2",
             "learner.device=cpu",
             f"run_dir={tmp_path / 'run'}",
-            f"resume={str(resume).lower()}",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+            *overrides,
         ],
     )
+
+
+def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool) -> tuple:
+    cfg = _loop_cfg(tmp_path, f"learner.total_steps={total_steps}", f"resume={str(resume).lower()}")
     stop = threading.Event()
     queue = threading.Thread(target=serve, args=(cfg, ListSource(1000)), kwargs={"stop_event": stop})
     queue.start()
@@ -117,3 +126,69 @@ def test_learner_loop_trains_checkpoints_logs_and_resumes(random_model_dir: Path
     _, resumed, _, _ = _run(random_model_dir, tmp_path, total_steps=5, resume=True)
     assert (resumed.steps, resumed.version) == (5, 5)
     assert len(resumed.metrics) == 2  # steps 4 and 5 only
+
+
+def _rank_main(rank: int, cfg: VapoConfig, init_method: str, model_dir: str, events: mp.Queue) -> None:
+    """One learner rank in its own process; run_learner runs in the main thread, so SIGTERM reaches it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    source = LearnerClient(ClientSettings.from_config(cfg)) if rank == 0 else None
+    try:
+        report = run_learner(
+            cfg,
+            model_path=model_dir,
+            source=source,
+            pusher=None,
+            device=torch.device("cpu"),
+            on_step=lambda m: events.put(("step", int(m["train/version"]))),
+        )
+        events.put(("report", rank, report.steps, report.version, report.stopped))
+    finally:
+        if source is not None:
+            source.close()
+        dist.destroy_process_group()
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(random_model_dir: Path, tmp_path: Path) -> None:
+    cfg = _loop_cfg(tmp_path, "learner.total_steps=50", "learner.checkpoint_every=0")
+    stop = threading.Event()
+    queue = threading.Thread(target=serve, args=(cfg, ListSource(10_000)), kwargs={"stop_event": stop})
+    queue.start()
+    actor = threading.Thread(target=_synthetic_actor, args=(ClientSettings.from_config(cfg), stop, 50))
+    actor.start()
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ranks = [ctx.Process(target=_rank_main, args=(r, cfg, init_method, str(random_model_dir), events))
+             for r in range(2)]
+    try:
+        for proc in ranks:
+            proc.start()
+        assert events.get(timeout=300) == ("step", 1)
+        os.kill(ranks[1].pid, signal.SIGTERM)  # rank 1 never talks to the queue: only the all-reduce tells rank 0
+        reports, steps = {}, [1]
+        while len(reports) < 2:
+            event = events.get(timeout=300)
+            if event[0] == "step":
+                steps.append(event[1])
+            else:
+                reports[event[1]] = event[2:]
+        for proc in ranks:
+            proc.join(timeout=60)
+            assert proc.exitcode == 0
+    finally:
+        for proc in ranks:
+            if proc.is_alive():
+                proc.kill()
+        stop.set()
+        actor.join()
+        queue.join()
+    last = steps[-1]
+    assert last <= 3, steps  # the step that was running when the signal came, at most one more
+    assert reports == {0: (last, last, True), 1: (last, last, True)}
+    ckpt = checkpoint.latest(cfg.run_dir)
+    assert ckpt is not None and ckpt.name == f"step_{last:06d}"
+    meta = checkpoint.read_meta(ckpt)
+    assert (meta["step"], meta["version"]) == (last, last)
+    assert (ckpt / "rng_rank1.pt").is_file()
