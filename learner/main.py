@@ -227,7 +227,8 @@ def run_learner(
     stop_event: threading.Event | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> LearnerReport:
-    """Train until `learner.total_steps`, a stop request or SIGTERM; rank 0 passes source/pusher/tracker.
+    """Train until `learner.total_steps`, `learner.time_budget_s`, a stop request or SIGTERM; rank 0 passes
+    source/pusher/tracker.
 
     A stop (`stop_event` set on any rank, SIGTERM when running in the main thread, the queue
     stopping) takes effect at the next step boundary, on every rank at the same one: the loop
@@ -242,8 +243,13 @@ def run_learner(
         version, cursor, resumed = _resume(cfg, learner, publisher)
         history: list[dict[str, float]] = []
         saved_step, stopped = (learner.step if resumed else -1), False  # a resumed step's checkpoint exists
+        budget = cfg.learner.time_budget_s
+        deadline = time.monotonic() + budget if budget else float("inf")
         while learner.step < cfg.learner.total_steps:
             t_wait = time.perf_counter()
+            if is_rank0 and time.monotonic() >= deadline and not stop.is_set():
+                log.info("time budget of %.0f s reached after step %d", budget, learner.step)
+                stop.set()
             if _should_stop(stop.is_set()):  # before rank 0 takes a batch it would not train on
                 stopped = True
                 break

@@ -84,8 +84,8 @@ def _loop_cfg(tmp_path: Path, *overrides: str) -> VapoConfig:
     )
 
 
-def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool) -> tuple:
-    cfg = _loop_cfg(tmp_path, f"learner.total_steps={total_steps}", f"resume={str(resume).lower()}")
+def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool, *overrides: str) -> tuple:
+    cfg = _loop_cfg(tmp_path, f"learner.total_steps={total_steps}", f"resume={str(resume).lower()}", *overrides)
     stop = threading.Event()
     queue = threading.Thread(target=serve, args=(cfg, ListSource(1000)), kwargs={"stop_event": stop})
     queue.start()
@@ -126,6 +126,12 @@ def test_learner_loop_trains_checkpoints_logs_and_resumes(random_model_dir: Path
     _, resumed, _, _ = _run(random_model_dir, tmp_path, total_steps=5, resume=True)
     assert (resumed.steps, resumed.version) == (5, 5)
     assert len(resumed.metrics) == 2  # steps 4 and 5 only
+
+    # A time budget ends the run at a step boundary, with a checkpoint of the last step.
+    _, timed, _, _ = _run(random_model_dir, tmp_path, 1000, True, "learner.time_budget_s=0.5")
+    assert timed.stopped and 6 <= timed.steps < 1000 and len(timed.metrics) == timed.steps - 5
+    ckpt = checkpoint.latest(cfg.run_dir)
+    assert ckpt is not None and checkpoint.read_meta(ckpt)["step"] == timed.steps
 
 
 def _rank_main(rank: int, cfg: VapoConfig, init_method: str, model_dir: str, events: mp.Queue) -> None:
