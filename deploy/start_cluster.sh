@@ -7,7 +7,7 @@
 #   deploy/start_cluster.sh submit [--address A] [--wait S] CONFIG... [key=value ...]
 #   deploy/start_cluster.sh scale N [--address A]
 #   deploy/start_cluster.sh status [--address A] [--json]
-#   deploy/start_cluster.sh stop [--grace S]
+#   deploy/start_cluster.sh stop [--grace S]       (S: the driver's time to exit; Ray's processes get S/3)
 #
 # `head` starts a Ray head on this machine, `worker ADDRESS` joins this machine to it as another node with
 # its own CPUs, GPUs and custom resources (`--resource actor_node=2`: a label that `deploy.actor_resources`
@@ -167,9 +167,11 @@ cmd_submit() {
       echo "submitted: driver pid $pid, log $log"
       return 0
     fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-      tail -n +"$start" "$log" | grep -m1 '^vapo train: ' >&2 || tail -n 20 "$log" >&2
-      die "the job failed to start (log: $log)"
+    if ! kill -0 "$pid" 2>/dev/null; then  # the driver's one-line error, else the end of its log
+      local err
+      err=$(tail -n +"$start" "$log" | grep -m1 '^vapo train: ' || true)
+      [[ -n $err ]] || { tail -n 20 "$log" >&2; err="the job failed to start"; }
+      die "$err (log: $log)"
     fi
     sleep 1
   done
