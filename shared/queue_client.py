@@ -15,32 +15,28 @@ Failure modes.
 - A rejected message (`error` reply) raises WireError with the queue's reason; it is not
   resent. For a submit (`submit` or `send`) it becomes each of its groups' status instead
   (`rejected:<reason>`).
-- Pipelined submits (`ActorClient.send`): up to `max_in_flight` submit requests travel at
-  once, so an actor does not wait a round trip per group; `send` blocks only while the
-  window is full. A group's status is final once its reply came: accepted (the queue
-  accounts for it), filtered, stale, late, duplicate or rejected:<reason>. A `busy` group is
-  kept by the client and resent after the queue's hint (the queue's memory bound stays the
-  backpressure). Closing the client abandons what is still in flight: an actor that wants
-  every status calls `flush` first; groups whose reply never came are, in the queue, either
-  accounted for or not received (their leases then expire and are re-issued).
+- Pipelined submits (`ActorClient.send`, `shared/submit_pipeline.py`): up to
+  `max_in_flight` submit requests travel at once, so an actor does not wait a round trip per
+  group; groups sent while the window is full go out together. Every group gets its own
+  final status. Closing the client abandons what is still in flight: an actor that wants
+  every status calls `flush` first.
 - Broadcasts (version, pause, stop) can be lost; the queue repeats them and every lease
   reply carries the version too.
 """
 
 from __future__ import annotations
 
-import heapq
 import os
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shared.config import VapoConfig
+from shared.submit_pipeline import SubmitPipeline
 from shared.transport import Requester, Subscriber, endpoint, inproc_endpoints, load_secret
 from shared.types import LeaseReply, QueueStats, RolloutGroup
-from shared.wire import Buffer, EncodedGroup, Message, WireError, decode, encode, encode_group
+from shared.wire import Buffer, Message, WireError, decode, encode
 
 _NO_LIMIT = 1 << 62
 
@@ -110,37 +106,19 @@ class _Client:
         self._rq.close()
 
 
-@dataclass
-class _Ticket:
-    """Groups of one `ActorClient.send`: their statuses so far and what a `busy` resend needs."""
-
-    statuses: list[str]
-    encoded: list[EncodedGroup]
-    deadline: float | None
-    unsettled: int
-    """Groups without a final status."""
-    request_ids: set[int] = field(default_factory=set)
-
-
 class ActorClient(_Client):
     """An actor's connection: lease prompts, submit groups (pipelined), heartbeat, follow the broadcasts."""
 
     def __init__(self, settings: ClientSettings, actor_id: int, *, incarnation: int | None = None,
                  max_in_flight: int = 8) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         super().__init__(settings)
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else int.from_bytes(os.urandom(6))
-        self.max_in_flight = max_in_flight
-        """Submit requests sent and not yet answered, at most."""
         self._sub = Subscriber(settings.pub_address, secret=settings.secret)
         self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
-        self._next_ticket = 1
-        self._tickets: dict[int, _Ticket] = {}
-        self._submits: dict[int, tuple[int, list[int]]] = {}  # request id -> (ticket, its group indices)
-        self._busy: list[tuple[float, int, list[int]]] = []  # heap of (resend at, ticket, group indices)
-        self._done: dict[int, list[str]] = {}
+        self._pipeline = SubmitPipeline(self._rq, self._ids(), max_in_flight=max_in_flight,
+                                        max_message_bytes=settings.max_message_bytes,
+                                        request_timeout_s=settings.request_timeout_s)
 
     def _ids(self) -> dict[str, int]:
         return {"actor_id": self.actor_id, "incarnation": self.incarnation}
@@ -159,13 +137,12 @@ class ActorClient(_Client):
         TimeoutError. TimeoutError too when the queue stays silent; the submit is then abandoned
         (submitting the same groups again is safe: the queue answers `duplicate` for any it took).
         """
-        ticket = self.send(groups, timeout_s=timeout_s)
+        ticket = self._pipeline.send(groups, timeout_s=timeout_s)
         try:
-            self._wait_until(lambda: ticket in self._done, None)
+            statuses = self._pipeline.wait(ticket)
         except TimeoutError:
-            self._abandon(ticket)
+            self._pipeline.abandon(ticket)
             raise
-        statuses = self._done.pop(ticket)
         if "busy" in statuses:
             raise TimeoutError(f"the queue stayed full for {timeout_s}s")
         return statuses
@@ -173,117 +150,34 @@ class ActorClient(_Client):
     def send(self, groups: Sequence[RolloutGroup], *, timeout_s: float | None = None) -> int:
         """Submit groups without waiting for the answer; returns a ticket whose statuses `results`/`flush` give.
 
-        Blocks only while `max_in_flight` submits are unanswered. A group answered `busy` is
-        resent after the queue's hint until `timeout_s` (None: no limit) has passed; then its
-        final status is `busy`. Raises TimeoutError when the queue stays silent while the window is
-        full: then these groups were not sent; earlier tickets stay pending and later calls
-        continue them (their requests are resent on a fresh socket).
+        While `max_in_flight` submits are unanswered, groups wait in the client and go out
+        together when a reply frees the window; `send` blocks only while half a message's worth
+        waits. A `busy` group is resent after the queue's hint until `timeout_s` (None: no
+        limit), then its final status is `busy`. See `shared/submit_pipeline.py`.
         """
-        self._wait_until(lambda: self._rq.in_flight < self.max_in_flight, None)
-        ticket = self._next_ticket
-        self._next_ticket += 1
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        if not groups:
-            self._done[ticket] = []
-            return ticket
-        self._tickets[ticket] = _Ticket([""] * len(groups), [encode_group(g) for g in groups], deadline, len(groups))
-        self._transmit(ticket, list(range(len(groups))))
-        return ticket
+        return self._pipeline.send(groups, timeout_s=timeout_s)
 
     def results(self, timeout_s: float = 0.0) -> dict[int, list[str]]:
         """Statuses of the tickets settled since the last call, waiting up to `timeout_s` for replies."""
-        self._progress(timeout_s)
-        done, self._done = self._done, {}
-        return done
+        return self._pipeline.results(timeout_s)
 
     def flush(self, timeout_s: float | None = None) -> dict[int, list[str]]:
         """Wait until every ticket is settled, then return `results()`.
 
         Raises TimeoutError after `timeout_s` (None: no limit) or when the queue stays silent.
         """
-        self._wait_until(lambda: not self._tickets, timeout_s)
+        self._pipeline.wait_until(lambda: not self._pipeline.num_pending, timeout_s)
         return self.results()
 
     @property
     def num_pending(self) -> int:
-        """Tickets not settled yet."""
-        return len(self._tickets)
+        """Tickets sent and not settled yet."""
+        return self._pipeline.num_pending
 
     @property
     def in_flight(self) -> int:
         """Requests sent on this client's connection whose reply has not arrived (at most `max_in_flight`)."""
         return self._rq.in_flight
-
-    def _transmit(self, ticket: int, indices: list[int]) -> None:
-        t = self._tickets[ticket]
-        req_id = self._rq.send(encode("submit", self._ids(), [t.encoded[i] for i in indices]))
-        self._submits[req_id] = (ticket, indices)
-        t.request_ids.add(req_id)
-
-    def _wait_until(self, done: Callable[[], bool], timeout_s: float | None) -> None:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not done():
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise TimeoutError(f"{len(self._tickets)} submits still unanswered after {timeout_s}s")
-            wait = self.settings.request_timeout_s if deadline is None else deadline - now
-            if self._busy:
-                wait = min(wait, max(0.0, self._busy[0][0] - now))
-            self._progress(wait)
-
-    def _progress(self, timeout_s: float) -> None:
-        """Take the replies that came (waiting up to `timeout_s`), resend due `busy` groups; TimeoutError if silent."""
-        s = self.settings
-        self._rq.keep_alive(s.request_timeout_s)
-        if self._rq.in_flight:
-            self._rq.pump(timeout_s)
-        elif timeout_s > 0:
-            time.sleep(timeout_s)  # only `busy` resends are pending
-        for req_id in list(self._submits):
-            reply = self._rq.take(req_id)
-            if reply is not None:
-                self._settle(*self._submits.pop(req_id), req_id, reply)
-        now = time.monotonic()
-        while self._busy and self._busy[0][0] <= now and self._rq.in_flight < self.max_in_flight:
-            _, ticket, indices = heapq.heappop(self._busy)
-            self._transmit(ticket, indices)
-        if self._rq.in_flight and now - self._rq.quiet_since >= 3 * s.request_timeout_s:
-            raise TimeoutError(f"no reply from the queue within {3 * s.request_timeout_s:.1f}s")
-
-    def _settle(self, ticket: int, indices: list[int], req_id: int, reply: Sequence[Buffer]) -> None:
-        t = self._tickets[ticket]
-        t.request_ids.discard(req_id)
-        try:
-            b = self._decode(reply).body
-            statuses, retry_after_s = b["statuses"], b["retry_after_s"]
-            if len(statuses) != len(indices):
-                raise WireError("length_mismatch", f"{len(statuses)} statuses for {len(indices)} groups")
-        except WireError as e:  # the whole message was refused
-            statuses, retry_after_s = [f"rejected:{e.reason}"] * len(indices), 0.0
-        busy = []
-        for i, status in zip(indices, statuses, strict=True):
-            t.statuses[i] = status
-            if status == "busy":
-                busy.append(i)
-        resend_at = time.monotonic() + retry_after_s
-        if busy and (t.deadline is None or resend_at <= t.deadline):
-            heapq.heappush(self._busy, (resend_at, ticket, busy))
-            t.unsettled -= len(indices) - len(busy)
-        else:
-            t.unsettled -= len(indices)
-        if t.unsettled == 0:
-            self._done[ticket] = self._tickets.pop(ticket).statuses
-
-    def _abandon(self, ticket: int) -> None:
-        t = self._tickets.pop(ticket, None)
-        if t is None:  # settled meanwhile
-            self._done.pop(ticket, None)
-            return
-        for req_id in t.request_ids:
-            self._rq.abandon(req_id)
-            del self._submits[req_id]
-        self._busy = [entry for entry in self._busy if entry[1] != ticket]
-        heapq.heapify(self._busy)
 
     def heartbeat(self) -> None:
         """Tell the queue this actor is alive (renews its leases)."""

@@ -397,6 +397,11 @@ def group_nbytes(group: EncodedGroup) -> int:
     return sum(memoryview(f).nbytes for f in group[1])
 
 
+def encoded_nbytes(group: EncodedGroup) -> int:
+    """Bytes a group adds to a message: its frames and its packed header."""
+    return group_nbytes(group) + len(msgpack.packb(group[0], use_bin_type=True))
+
+
 # --- shared-secret mode ------------------------------------------------------------------------------------------
 
 MAC_BYTES = hashlib.sha256().digest_size

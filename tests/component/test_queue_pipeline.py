@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import msgpack
 import numpy as np
 import zmq
-from test_queue_support import ListSource, make_cfg, queue_thread, synthetic_group
+from test_queue_support import ListSource, make_cfg, queue_thread, start_service_process, synthetic_group
 
 from shared import wire
 from shared.queue_client import ActorClient, ClientSettings, LearnerClient
@@ -50,7 +52,9 @@ def test_pipelined_submits_are_each_accounted_for_and_refused_groups_get_their_r
         assert actor.num_pending == 0 and actor.in_flight == 0
         stats = learner.stats()
         assert stats.queued == 6 and stats.duplicates == 1 and stats.identity_holds()
-        assert stats.rejected == {"length_mismatch": 1, "wrong_actor": 1, "unknown_lease": 1}
+        # a malformed group is refused once more when it travelled with others and was then resent alone
+        assert stats.rejected["wrong_actor"] == 1 and stats.rejected["unknown_lease"] == 1
+        assert stats.rejected["length_mismatch"] in (1, 2) and len(stats.rejected) == 3
         actor.close()
         learner.close()
 
@@ -70,8 +74,14 @@ def test_a_full_queue_answers_busy_and_pipelined_groups_are_resent_until_the_lea
 
         for x in leases:
             actor.send([_group(x)])
-        assert actor.results(0.3) == {1: ["accepted"], 2: ["accepted"]}  # the rest is held back: busy
-        assert learner.stats().queued == 2
+        settled: dict[int, list[str]] = {}
+        deadline = time.monotonic() + 5
+        while len(settled) < 2:
+            assert time.monotonic() < deadline
+            settled |= actor.results(0.05)
+        time.sleep(0.2)
+        assert settled | actor.results() == {1: ["accepted"], 2: ["accepted"]}  # the rest is held back: busy
+        assert learner.stats().queued == 2 and actor.num_pending == 4
         thread = threading.Thread(target=learn)
         thread.start()
         results = actor.flush(timeout_s=10)
@@ -134,3 +144,31 @@ def test_replies_below_the_ack_floor_are_released_and_their_resends_dropped() ->
         assert stats.leased == 3 and stats.rejected == {"bad_envelope": 1}
         sock.close()
         learner.close()
+
+
+def test_groups_sent_while_the_window_is_full_travel_together_and_a_refusal_is_sorted_out_per_group() -> None:
+    cfg = make_cfg(max_staleness=100, prompts_per_step=8)
+    settings = ClientSettings.from_config(cfg)
+    proc, _ = start_service_process(cfg)
+    try:
+        actor, learner = ActorClient(settings, actor_id=1, max_in_flight=1), LearnerClient(settings)
+        leases = actor.lease(3, 0).leases
+        os.kill(proc.pid, signal.SIGSTOP)  # the queue answers nothing until SIGCONT
+        first = actor.send([_group(leases[0])])  # the one request in flight
+        bad = actor.send([_group(leases[1], behavior_logprobs=np.zeros(1, np.float32))])  # these two wait,
+        good = actor.send([_group(leases[2])])  # then go out as one message, which the queue refuses whole
+        assert actor.in_flight == 1 and actor.num_pending == 3
+        os.kill(proc.pid, signal.SIGCONT)
+        results = actor.flush(timeout_s=10)
+        assert results == {first: ["accepted"], bad: ["rejected:length_mismatch"], good: ["accepted"]}
+        stats = learner.stats()
+        assert stats.rejected == {"length_mismatch": 2}  # the pair, then the bad group alone
+        assert stats.queued == 2 and stats.identity_holds()
+        learner.control("shutdown")
+        actor.close()
+        learner.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
