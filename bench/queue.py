@@ -1,18 +1,27 @@
 """Replay-queue throughput against a bare ZeroMQ PUSH/PULL pair, measured side by side in one run.
 
-Queue path: actor processes lease prompts and submit real `RolloutGroup` messages (one group
-per submit) to the real service in its own process; this process is the learner, taking
-batches and publishing a new version after each. Raw path: one process PUSHes the very same
-frames (the same bytes: header and array frames) to a PULL socket here. Both count from the
-first message received to the last.
+Queue path: actor processes lease prompts and submit real `RolloutGroup` messages to the
+real service, one group per `send` (pipelined: up to 8 submits in flight per actor, leases
+on a connection of their own, as the real actor has); this process is the learner, taking
+batches of 16 and publishing a new version after each. The service runs in its own process
+(as the launcher runs it: the headline ratio) and, second, in a thread of the learner
+(`serve` embedded, inproc to the learner). Raw path: PUSH processes send the very same
+frames (the same bytes: header and array frames) to a PULL socket here, with the same
+high-water marks as a minimal hand-written pipeline would use (8 messages each way). Every
+path counts from the first message received to the last.
+
+A diagnostic, not the baseline: the raw frames through a bare `zmq.proxy` process in
+between (PUSH -> forwarder -> PULL). A queue in its own process moves every byte over the
+loopback twice, so this second hop is its ceiling; `queue (its own process) / raw two hops`
+says how far the queue is from it.
 
 Sizes: small groups are 16 responses of 256 tokens, large ones 16 of 16,384 tokens (about
 3 MB: int32 tokens, float32 behavior log-probs, int32 token versions).
 
-    python bench/queue.py [--actors 2] [--large-groups 400] [--small-groups 4000]
+    python bench/queue.py [--actors 2] [--raw-pushers 1] [--large-groups 400] [--small-groups 4000]
 
 Prints groups/s and MB/s for each path and size, the encode+decode time of a large group,
-and, last, `queue/raw_zmq throughput ratio (large groups): X`.
+and, last, `queue/raw_zmq throughput ratio (large groups): X` (the queue in its own process).
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
     submitter = ActorClient(settings, actor_id, incarnation=client.incarnation)
     template = dataclasses.replace(template_group(tokens, seed=actor_id), actor_id=actor_id)
     version, statuses = 0, Counter[str]()
+    versions = (-1, template.token_versions)
     try:
         while True:
             reply = client.lease(8, version)
@@ -111,10 +121,11 @@ def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
                 for ticket_statuses in submitter.results().values():
                     statuses.update(ticket_statuses)
                 continue
+            if versions[0] != version:  # one read-only array per version: no per-group allocation the raw path lacks
+                versions = (version, np.full_like(template.token_versions, version))
             for lease in reply.leases:
                 group = dataclasses.replace(template, lease_id=lease.lease_id, prompt_id=lease.prompt_id,
-                                            policy_version=version,
-                                            token_versions=np.full_like(template.token_versions, version))
+                                            policy_version=version, token_versions=versions[1])
                 submitter.send([group])
             for ticket_statuses in submitter.results().values():
                 statuses.update(ticket_statuses)
