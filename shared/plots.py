@@ -49,6 +49,8 @@ PLOT_KEYS: tuple[str, ...] = tuple(key for panel in PANELS for key in panel.keys
 
 
 def _draw(ax: Any, panel: Panel, history: Mapping[str, Sequence[tuple[int, float]]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     drawn = False
     for key in panel.keys:
         points = history.get(key, ())
@@ -60,6 +62,7 @@ def _draw(ax: Any, panel: Panel, history: Mapping[str, Sequence[tuple[int, float
         drawn = True
     ax.set_title(panel.title)
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(panel.ylabel)
     ax.grid(True, alpha=0.3)
     if not drawn:

@@ -2,7 +2,10 @@
 
 On a random-init char-level model (building the trained tiny model takes minutes), three steps
 with one of value pretraining: the policy's parameters change, the version lag never exceeds
-max_staleness, the queue's accounting identity holds, and the metrics reach MLflow.
+max_staleness, the queue's accounting identity holds, and the metrics reach MLflow: every key of
+DESIGN.md section 3 and the learner process's system figures, per step. At the end of the run the
+MLflow run holds the training-curve plots and the exported policy (`policy/`, the same weights as
+the last checkpoint), and `vapo report RUN_ID` draws the plots from the SQLite store.
 """
 
 from __future__ import annotations
@@ -15,11 +18,25 @@ from pathlib import Path
 
 import torch
 
-from shared.tracking import metric_history
+from deploy.cli import main as vapo
+from shared.plots import OVERVIEW_FILE, PANELS
+from shared.tracking import download_artifact, metric_history, run_artifacts, run_metric_keys
 from tests.component.conftest import build_random_model
 from tests.component.test_queue_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+DESIGN_METRICS = (  # DESIGN.md section 3
+    "loss/policy", "loss/value", "loss/nll_pos",
+    "policy/clipfrac_high", "policy/clipfrac_low", "policy/approx_kl", "policy/entropy",
+    "value/explained_var",
+    "rollout/reward_mean", "rollout/acc", "rollout/len_mean",
+    "async/version_lag_mean", "async/version_lag_max", "async/dropped_stale",
+    "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "perf/learner_idle_frac",
+    "sync/push_seconds",
+)  # fmt: skip
+SYSTEM_METRICS = ("system/cpu_percent", "system/rss_gib", "system/host_mem_used_frac")
+PNG_FILES = sorted([f"{p.name}.png" for p in PANELS] + [OVERVIEW_FILE])
 
 
 def test_vapo_train_smoke(tmp_path: Path) -> None:
@@ -56,6 +73,17 @@ def test_vapo_train_smoke(tmp_path: Path) -> None:
     assert [s for s, _ in history["loss/value"]] == [1, 2, 3]
     assert [s for s, _ in history["loss/policy"]] == [2, 3]  # step 1 was value pretraining
     assert all(v <= 1 for _, v in history["async/version_lag_max"])
+    keys = run_metric_keys(run_id, uri)
+    assert not [k for k in DESIGN_METRICS + SYSTEM_METRICS if k not in keys]
+    per_step = metric_history(run_id, ["sync/push_seconds", "queue/num_actors", *SYSTEM_METRICS], uri)
+    assert all([s for s, _ in points] == [1, 2, 3] for points in per_step.values()), per_step
+    assert all(v > 0 for _, v in per_step["system/rss_gib"])
+
+    artifacts = run_artifacts(run_id, uri)
+    assert all(artifacts[f"plots/{name}"] > 5000 for name in PNG_FILES)
+    assert {"config.yaml", "policy/config.json", "policy/model.safetensors", "policy/tokenizer.json"} <= set(artifacts)
+    assert vapo(["report", run_id, "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 0
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == PNG_FILES
 
     from transformers import AutoModelForCausalLM
 
@@ -65,3 +93,5 @@ def test_vapo_train_smoke(tmp_path: Path) -> None:
     initial = AutoModelForCausalLM.from_pretrained(model)
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, initial.get_parameter(n))]
     assert changed, "the policy did not change"
+    logged = AutoModelForCausalLM.from_pretrained(download_artifact(run_id, "policy", tmp_path / "dl", uri))
+    assert all(torch.equal(p, logged.get_parameter(n)) for n, p in trained.named_parameters())
