@@ -534,10 +534,13 @@ def cluster_status(address: str = "auto") -> dict[str, Any]:
             controller = _controller()
         except ValueError:
             return status
-        job = _get(controller.status.remote(), timeout=60)
+        try:
+            job = _get(controller.status.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # the job is ending
+            return status
         try:
             job["progress"] = _get(ray.get_actor("vapo-learner-0", namespace=NAMESPACE).progress.remote(), 30)
-        except ValueError:  # the learner rank is gone: the job is ending
+        except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # the job is ending
             job["progress"] = {}
         status["job"] = job
         return status
