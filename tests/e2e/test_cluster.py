@@ -198,7 +198,9 @@ def test_submit_places_actors_on_the_labelled_node_scales_and_stops(cluster: str
     assert again.returncode == 2 and "no cluster address" in again.stderr
 
 
-def test_error_paths_without_a_cluster(tmp_path: Path, model: Path) -> None:
+def test_error_paths_without_a_cluster(tmp_path: Path) -> None:
+    model = tmp_path / "model"  # these checks run before the model is loaded: an existing directory will do
+    model.mkdir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, not listening: nothing answers there
         dead = f"127.0.0.1:{s.getsockname()[1]}"
