@@ -219,14 +219,14 @@ class QueueStats:
         return self.leased == ended + self.in_flight + self.queued
 
     def metrics(self) -> dict[str, float]:
-        """Flat metric keys for logging (`queue/...`, `async/...`)."""
+        """Flat metric keys for logging (`queue/...`, `async/dropped_stale`)."""
         out: dict[str, float] = {
             f"queue/{f.name}": float(getattr(self, f.name))
             for f in dataclasses.fields(self) if f.name not in ("rejected", "cursor", "version_lag_sum")
         }
         out["async/dropped_stale"] = float(self.dropped_stale)
-        out["async/version_lag_max"] = float(self.version_lag_max)
-        out["async/version_lag_mean"] = self.version_lag_sum / self.consumed if self.consumed else 0.0
+        # Run-wide lag; the per-step `async/version_lag_*` of DESIGN.md are the learner's, of each batch.
+        out["queue/version_lag_mean"] = self.version_lag_sum / self.consumed if self.consumed else 0.0
         out["queue/rejected"] = float(sum(self.rejected.values()))
         out.update({f"queue/rejected_{k}": float(v) for k, v in self.rejected.items()})
         return out
