@@ -17,7 +17,27 @@ Decisions:
 - `score` uses prompt log-probs (`prompt_logprobs=0`), which vLLM computes at temperature 1
   whatever the mode; it is the parity probe against a transformers forward pass.
 - After every weight update the prefix cache is reset: cached KV blocks were computed with
-  the old weights and would otherwise be reused for prompts that share a prefix.
+  the old weights and would otherwise be reused for prompts that share a prefix. vLLM refuses
+  that reset while requests hold blocks, so an update in the middle of a round marks the cache
+  stale and the round resets it when its last request is done (and every `generate` checks
+  before adding requests): stale blocks never serve a later round.
+- Updates in the middle of a round (`generate(..., between_steps=...)`, `actors.update_mode=
+  during`): the requests go in with `LLM.enqueue` and this thread drives `LLMEngine.step()`
+  itself, calling `between_steps` after each step. vLLM's engine core runs in its own process
+  and keeps stepping meanwhile, so an `apply_weights` called from there first pauses it
+  (`sleep(level=0, mode="keep")`: scheduling stops between two core steps, requests keep their
+  KV cache), receives the push, labels the weights with `set_weight_version(str(version))` and
+  resumes (`wake_up(["scheduling"])`). The core stamps every step's output with the label it
+  had, and vLLM turns that into per-response spans (`CompletionOutput.weight_versions`), so
+  each Sample gets the version that sampled each of its tokens; the label is set before the
+  round's requests go in. In-flight requests continue from KV the old weights computed (as in
+  PipelineRL's in-flight updates): a token sampled after the switch comes from the new weights
+  attending to that cached prefix, and its behavior log-prob is exactly that distribution's; a
+  request of the same round that starts after the switch may likewise reuse prompt blocks the
+  old weights cached. The learner recomputes `old_logprobs` over the whole sequence with its
+  own weights, and the truncated importance weight corrects the difference like any staleness.
+  `between_steps` returning False (a push failed and the weights are unusable) aborts the
+  round's requests; `generate` then returns an empty list.
 - On CPU, `gpu_memory_utilization` is vLLM's share of the NUMA node's memory minus what the
   worker already holds, which is easy to get wrong on small machines; `kv_cache_memory_bytes`
   sets the KV cache size directly and takes precedence.
@@ -33,6 +53,8 @@ Must not import learner or deploy.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +72,8 @@ class Sample:
     logprobs: np.ndarray
     finish_reason: str
     text: str
+    token_versions: np.ndarray | None = None
+    """[T] int32: the policy version that sampled each token (rounds with `between_steps`); None otherwise."""
 
 
 class Engine:
@@ -71,6 +95,10 @@ class Engine:
         self.tensor_parallel_size = tensor_parallel_size
         self.last_push: dict[str, float] = {}
         """What the last applied push moved, as worker 0 reports it (version, counts, seconds)."""
+        self.paused_seconds = 0.0
+        """Seconds the engine core spent paused for updates in the middle of rounds, in total."""
+        self._in_round = False  # a stepped round is running: updates pause the core and defer the cache reset
+        self._stale_prefix_cache = False
         self.llm = LLM(
             model=str(model_path),
             seed=seed,
@@ -100,16 +128,52 @@ class Engine:
         max_tokens: int = 256,
         stop: list[str] | None = None,
         seed: int | None = None,
+        between_steps: Callable[[], bool] | None = None,
+        version: int | None = None,
     ) -> list[list[Sample]]:
-        """Sample n responses per prompt (one vLLM call for all prompts); one list of n Samples per prompt."""
+        """Sample n responses per prompt (one vLLM call for all prompts); one list of n Samples per prompt.
+
+        With `between_steps`, the engine is stepped here and `between_steps()` runs between two steps
+        (it may call `apply_weights`); `version` labels the weights the round starts with, and each
+        Sample carries its `token_versions`. An empty list means `between_steps` abandoned the round.
+        """
         if n < 1 or max_tokens < 1:
             raise ValueError(f"n and max_tokens must be positive; got n={n}, max_tokens={max_tokens}")
+        if between_steps is not None and version is None:
+            raise ValueError("generate with between_steps needs the version of the weights the round starts with")
+        self._reset_stale_prefix_cache()
         params = SamplingParams(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0
         )
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[_to_sample(c) for c in out.outputs] for out in outputs]
+        if between_steps is None:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            return [[_to_sample(c) for c in out.outputs] for out in outputs]
+        assert version is not None
+        stepped = self._generate_stepped(prompts, params, version, between_steps)
+        return [[_to_sample(c, with_versions=True) for c in out.outputs] for out in stepped]
+
+    def _generate_stepped(self, prompts: list[TokensPrompt], params: SamplingParams, version: int,
+                          between_steps: Callable[[], bool]) -> list:  # list[vllm.RequestOutput]
+        """Drive the engine step by step, calling `between_steps` in between; [] when it abandons the round."""
+        engine = self.llm.llm_engine
+        assert not engine.has_unfinished_requests(), "another round is still running in this engine"
+        engine.set_weight_version(str(version))  # before the requests go in: the core stamps each step with it
+        request_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        finished = []
+        self._in_round = True
+        try:
+            while engine.has_unfinished_requests():
+                finished += [out for out in engine.step() if out.finished]
+                if engine.has_unfinished_requests() and not between_steps():
+                    return []  # the next generate resets the prefix cache (the aborts reach the core first)
+        finally:
+            self._in_round = False
+            if engine.has_unfinished_requests():  # abandoned, or between_steps raised: no request outlives its round
+                engine.abort_request(request_ids, internal=True)
+        self._reset_stale_prefix_cache()
+        assert len(finished) == len(prompts), f"{len(finished)} of {len(prompts)} requests finished"
+        return sorted(finished, key=lambda out: int(out.request_id))  # prompt order, as LLM.generate returns
 
     def score(self, sequences: list[list[int]]) -> list[np.ndarray]:
         """Log-prob of each token after the first under the current weights, at temperature 1: [T - 1] each."""
@@ -144,15 +208,42 @@ class Engine:
         return self.llm.collective_rpc("init_weight_group", args=args)
 
     def apply_weights(self) -> int:
-        """Receive and apply one push in every worker, reset the prefix cache; returns the policy version."""
+        """Receive and apply one push in every worker, reset the prefix cache; returns the policy version.
+
+        During a stepped round the engine core is paused around the push (requests keep their KV
+        cache), the new weights are labelled with their version, and the cache reset waits for the
+        round's end.
+        """
+        if not self._in_round:
+            return self._receive_weights()
+        t0 = time.perf_counter()
+        self.llm.sleep(level=0, mode="keep")
+        try:
+            version = self._receive_weights()
+            self.llm.llm_engine.set_weight_version(str(version))
+            return version
+        finally:
+            self.llm.wake_up(tags=["scheduling"])
+            self.paused_seconds += time.perf_counter() - t0
+
+    def _receive_weights(self) -> int:
         try:
             results = self.llm.collective_rpc("receive_weights")
         finally:  # even a failed push may have changed some weights
-            self.llm.reset_prefix_cache()
+            self._stale_prefix_cache = True
+            if not self._in_round:
+                self._reset_stale_prefix_cache()
         versions = {int(r["policy_version"]) for r in results}
         assert len(versions) == 1, f"workers applied different versions {versions}"
         self.last_push = results[0]
         return versions.pop()
+
+    def _reset_stale_prefix_cache(self) -> None:
+        """Drop the cached KV blocks of earlier weights; only possible while no request holds blocks."""
+        if self._stale_prefix_cache:
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset the prefix cache with no round running")
+            self._stale_prefix_cache = False
 
     def leave_weight_group(self) -> None:
         """Leave the broadcast group (before re-joining a rebuilt one)."""
@@ -163,9 +254,23 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()  # LLM has no public shutdown in this vLLM
 
 
-def _to_sample(completion) -> Sample:  # vllm.outputs.CompletionOutput
+def _to_sample(completion, *, with_versions: bool = False) -> Sample:  # vllm.outputs.CompletionOutput
     token_ids = np.asarray(completion.token_ids, dtype=np.int32)
     entries = completion.logprobs
     assert entries is not None and len(entries) == len(token_ids)
     logprobs = np.array([e[int(t)].logprob for e, t in zip(entries, token_ids, strict=True)], dtype=np.float32)
-    return Sample(token_ids, logprobs, completion.finish_reason, completion.text)
+    versions = _token_versions(completion.weight_versions, len(token_ids)) if with_versions else None
+    return Sample(token_ids, logprobs, completion.finish_reason, completion.text, versions)
+
+
+def _token_versions(spans, num_tokens: int) -> np.ndarray:  # list[vllm.outputs.WeightVersionSpan] | None
+    """[T] int32 versions from vLLM's spans of tokens sampled under each weight label (our labels are versions)."""
+    versions = np.empty(num_tokens, dtype=np.int32)
+    if num_tokens == 0:
+        return versions
+    assert spans, "vLLM reported no weight version for these tokens"
+    assert spans[0].start == 0 and spans[-1].end == num_tokens, f"spans {spans} do not cover {num_tokens} tokens"
+    for span, after in zip(spans, spans[1:] + [None], strict=True):
+        assert after is None or after.start == span.end, f"spans {spans} are not contiguous"
+        versions[span.start : span.end] = int(span.version)
+    return versions

@@ -13,12 +13,18 @@ Loop, reading top to bottom in `ActorLoop.run`:
 2. weights: take part in every push whose spec lists this actor (join the generation when
    it changed, receive, take the version). When the learner announced a version newer than
    the actor's, the actor waits (up to `sync.timeout_s`) for the learner's spec of that
-   version before it generates again, so it does not start a round the push would wait for;
+   version before it generates again, so it does not start a round the push would wait for
+   (in `during` mode it only waits while it has no usable weights: the push lands mid-round);
 3. lease `actors.prompts_per_lease` prompts with the actor's version; a refusal (capacity,
    stale_weights, paused, memory, exhausted) is waited out after the queue's retry hint;
    `replaced` (another process took this actor id) and `stopping` end the loop;
 4. generate: ONE `Engine.generate` call for all leased prompts with n = G, so vLLM batches
-   them and the engine stays saturated;
+   them and the engine stays saturated. With `actors.update_mode=during` the engine is stepped
+   and, between two steps, the actor polls the learner's store (at most every `_PUSH_POLL_S`)
+   and takes part in a push that lists it; the engine pauses around the apply, in-flight
+   requests keep their KV cache, and every token carries the version that sampled it (see
+   `actors.engine`). A push that fails mid-round abandons the round: its leases expire and are
+   re-issued by the queue;
 5. score and submit in a one-thread pool, so round k is scored (and sent) while round k+1
    generates; at most one round waits there, which bounds memory when scoring is slower.
 
@@ -26,8 +32,7 @@ Weights at start: an actor holds `model.path`, which is version 0. It generates 
 when the learner's version is 0 (it waits for the first broadcast to know); otherwise it waits
 for a push that lists it (the learner includes registered actors at its next push, and pushes
 at once after a resume). A push that failed in the engine leaves it without usable weights
-until a later push succeeds (`version` is None meanwhile). `actors.update_mode=during` is not
-implemented and is refused at start.
+until a later push succeeds (`version` is None meanwhile).
 
 Failure modes: a queue restart costs timeouts, not the actor (requests are resent; a group the
 queue no longer knows is counted by it); a garbled broadcast is skipped by the client and a
@@ -35,7 +40,8 @@ garbled group spec by the follower; SIGTERM/SIGINT (in `main`) finish the curren
 submit it, deregister and exit.
 
 Reported: groups, statuses, tokens, generation seconds (tokens/s) and idle seconds (waiting
-for leases or weights), logged every `_LOG_EVERY` rounds and returned as an `ActorReport`.
+for leases or weights, and the engine's pauses for mid-round pushes), logged every `_LOG_EVERY`
+rounds and returned as an `ActorReport`.
 
 Must not import learner or deploy.
 """
@@ -69,6 +75,7 @@ from shared.wire import WireError
 log = logging.getLogger("vapo.actor")
 _LOG_EVERY = 10
 _IDLE_TICK_S = 0.05
+_PUSH_POLL_S = 0.05  # how often a `during` round checks the learner's store for a push
 _EXITS = {"replaced": "replaced", "stopping": "stop"}  # lease refusals that end the loop -> exit reason
 
 
@@ -87,6 +94,10 @@ class ActorReport:
     idle_seconds: float = 0.0
     """Waiting for leases, for weights, or while paused."""
     weight_updates: int = 0
+    mid_round_updates: int = 0
+    """Of weight_updates, those applied in the middle of a round (update_mode=during)."""
+    abandoned_rounds: int = 0
+    """Rounds dropped because a push failed in their middle (their leases expire and are re-issued)."""
     failed_updates: int = 0
     version: int | None = None
     truncated_prompts: int = 0
@@ -145,6 +156,7 @@ class ActorLoop:
         """The version of the engine's weights; None while they are unknown or unusable."""
         self.report = ActorReport(actor_id, exit_reason="")
         self._awaited: int | None = None  # the announced version whose spec was already waited for
+        self._next_poll = 0.0  # monotonic time of the next store poll in a `during` round
 
     def run(self) -> ActorReport:
         """Loop until told to stop; returns the report."""
@@ -163,6 +175,8 @@ class ActorLoop:
                 if not leases:
                     continue
                 rnd = self._generate(leases)
+                if rnd is None:
+                    continue
                 if pending is not None:
                     pending.result()  # round k-1 is scored and sent before round k is queued
                 pending = pool.submit(self._score_and_submit, rnd)
@@ -198,8 +212,9 @@ class ActorLoop:
         """Take part in the pushes that list this actor; wait for the spec of an announced version first."""
         t0 = time.perf_counter()
         announced = self.learner_version
-        wait = (announced is not None and announced != self._awaited
-                and (self.version is None or announced > self.version))
+        behind = self.version is None or (announced is not None and announced > self.version
+                                          and self.cfg.actors.update_mode == "between")
+        wait = announced is not None and announced != self._awaited and behind
         deadline = time.monotonic() + (self.cfg.sync.timeout_s if wait else 0.0)
         while True:
             spec = self.follower.next_push()
@@ -256,7 +271,8 @@ class ActorLoop:
         self._idle(max(reply.retry_after_s, _IDLE_TICK_S))
         return []
 
-    def _generate(self, leases: list[Lease]) -> Round:
+    def _generate(self, leases: list[Lease]) -> Round | None:
+        """One generate call for the leases; None when a push failed in its middle (the round is dropped)."""
         prompts = []
         for lease in leases:
             ids, truncated = prompt_ids(lease, self.tokenizer, self.cfg.rollout.max_prompt_tokens)
@@ -266,17 +282,40 @@ class ActorLoop:
                             lease.prompt_id, len(ids))
             prompts.append(ids)
         r = self.cfg.rollout
-        assert self.version is not None
-        started_at, t0 = time.time(), time.perf_counter()
+        version = self.version
+        assert version is not None
+        during: dict[str, Any] = {}
+        if self.cfg.actors.update_mode == "during":
+            during = dict(between_steps=self._between_steps, version=version)
+        started_at, t0, paused0 = time.time(), time.perf_counter(), self.engine.paused_seconds
         samples = self.engine.generate(prompts, n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
-                                       max_tokens=r.max_new_tokens, stop=r.stop or None)
-        rnd = Round(leases, prompts, samples, self.version, started_at, time.perf_counter() - t0)
+                                       max_tokens=r.max_new_tokens, stop=r.stop or None, **during)
+        paused = self.engine.paused_seconds - paused0  # the engine stood still for mid-round pushes
+        self.report.idle_seconds += paused
+        if not samples:
+            self.report.abandoned_rounds += 1
+            log.warning("actor %d: a push failed in the middle of a round; dropped its %d leases (they expire and "
+                        "are re-issued)", self.actor_id, len(leases))
+            return None
+        rnd = Round(leases, prompts, samples, version, started_at, time.perf_counter() - t0 - paused)
         self.report.rounds += 1
         self.report.num_tokens += rnd.num_tokens
         self.report.gen_seconds += rnd.gen_seconds
         if self.report.rounds % _LOG_EVERY == 0:
             log.info("actor %d: %s", self.actor_id, self._summary())
         return rnd
+
+    def _between_steps(self) -> bool:
+        """Between two engine steps of a `during` round: take part in a push that lists this actor; False drops it."""
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + _PUSH_POLL_S
+            spec = self.follower.next_push()
+            if spec is not None:
+                applied = self.report.weight_updates
+                self._take_part(spec)
+                self.report.mid_round_updates += self.report.weight_updates - applied
+        return self.version is not None
 
     def _score_and_submit(self, rnd: Round) -> None:
         """Runs in the scoring thread: rewards, groups, submit (resent while the queue is away)."""
@@ -316,8 +355,6 @@ def run_actor(cfg: VapoConfig, actor_id: int, *, model_path: str, stop_event: An
     `engine`: an `actors.engine.Engine` already running on `model_path` (it is then not shut
     down here); None builds one from the config.
     """
-    if cfg.actors.update_mode == "during":
-        raise ValueError("actors.update_mode=during is not implemented yet")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -17,8 +17,10 @@ Timing fields of a group: `gen_started_at` is when the round's generate call sta
 prompts of a round are batched together, so only shares add up: over an actor's groups,
 sum(tokens) / sum(gen_seconds) is its generation throughput, and `perf/gen_tokens_per_s`
 over the run is the sum of that over actors); `reward_seconds` is the time spent scoring it.
-Every token of a group carries the version the actor's weights had during the round (updates
-happen between rounds in `between` mode), so the group's `policy_version` is that version.
+Versions: in `between` mode every token of a round carries the version the actor's weights had
+during it (`Round.version`). In `during` mode a push can land in the middle of a round and each
+Sample brings its own `token_versions` ([T], non-decreasing, the first at least `Round.version`);
+the group keeps them per token and its `policy_version` is the oldest (`shared.types.make_group`).
 
 Must not import learner, deploy or vllm.
 """
@@ -48,6 +50,8 @@ class SampleLike(Protocol):
     logprobs: np.ndarray
     finish_reason: str
     text: str
+    token_versions: np.ndarray | None
+    """[T] the version that sampled each token, or None when all have the round's version."""
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Round:
     prompt_ids: list[list[int]]
     samples: Sequence[Sequence[SampleLike]]
     version: int
+    """The version of the weights when the round started (every token's, unless its Sample says otherwise)."""
     started_at: float
     """Wall clock (seconds since the epoch) at the start of the generate call."""
     gen_seconds: float
@@ -107,9 +112,20 @@ def score_round(rnd: Round, cfg: RewardConfig, actor_id: int) -> list[RolloutGro
             assert s.finish_reason in FINISH_REASONS, f"unexpected finish reason {s.finish_reason!r}"
         groups.append(make_group(
             lease=lease, actor_id=actor_id, prompt_token_ids=ids,
-            responses=[(s.token_ids, s.logprobs, rnd.version) for s in samples],
+            responses=[(s.token_ids, s.logprobs, _versions(s, rnd.version)) for s in samples],
             finish_reasons=[s.finish_reason for s in samples],
             rewards=[r for r, _ in scored], correct=[c for _, c in scored],
             gen_started_at=rnd.started_at, gen_seconds=rnd.gen_seconds * share,
             reward_seconds=time.perf_counter() - t0))
     return groups
+
+
+def _versions(sample: SampleLike, version: int) -> np.ndarray | int:
+    """The sample's per-token versions, checked against the round's start version; the start version without them."""
+    if sample.token_versions is None:
+        return version
+    versions = sample.token_versions
+    assert len(versions) == len(sample.token_ids), "one version per token"
+    assert versions.size == 0 or (versions[0] >= version and np.all(np.diff(versions) >= 0)), (
+        f"token versions must not go back and start at the round's version {version}; got {versions.tolist()}")
+    return versions

@@ -21,6 +21,7 @@ class FakeSample:
     logprobs: np.ndarray
     finish_reason: str
     text: str
+    token_versions: np.ndarray | None = None
 
 
 class CharTokenizer:
@@ -104,3 +105,27 @@ def test_a_ground_truth_the_verifier_cannot_use_scores_wrong() -> None:
     rnd = Round([_lease(0, truth="$$")], [[1]], [[_sample("Answer: 2", 2)]], 0, 0.0, 1.0)
     (group,) = score_round(rnd, RewardConfig(correct=1.0, wrong=-0.5), actor_id=0)
     assert group.rewards.tolist() == [-0.5] and group.correct.tolist() == [False]
+
+
+def test_tokens_sampled_after_a_mid_round_push_keep_their_versions() -> None:
+    switched = _sample("Answer: 2", 5)
+    switched.token_versions = np.array([4, 4, 5, 5, 5], np.int32)
+    later = _sample("Answer: 3", 3)
+    later.token_versions = np.array([5, 5, 5], np.int32)  # started after the push (it waited for a slot)
+    plain = _sample("Answer: 2", 2)  # no per-token versions: the round's version
+    rnd = Round([_lease(0), _lease(1)], [[1], [2]], [[switched, later], [plain]], 4, 0.0, 1.0)
+    a, b = score_round(rnd, RewardConfig(), actor_id=0)
+    assert a.token_versions.tolist() == [4, 4, 5, 5, 5, 5, 5, 5] and a.policy_version == 4
+    assert a.response(0)[2].tolist() == [4, 4, 5, 5, 5] and a.response(1)[2].tolist() == [5, 5, 5]
+    assert np.array_equal(a.response(0)[1], switched.logprobs)
+    assert b.token_versions.tolist() == [4, 4] and b.policy_version == 4
+    only_new = Round([_lease(0)], [[1]], [[later]], 4, 0.0, 1.0)
+    assert score_round(only_new, RewardConfig(), actor_id=0)[0].policy_version == 5  # the oldest token's version
+
+
+@pytest.mark.parametrize("versions", [[5, 4, 5], [3, 4, 4], [4, 4]])
+def test_token_versions_that_go_back_precede_the_round_or_miscount_are_refused(versions: list[int]) -> None:
+    sample = _sample("Answer: 2", 3)
+    sample.token_versions = np.array(versions, np.int32)
+    with pytest.raises(AssertionError):
+        score_round(Round([_lease(0)], [[1]], [[sample]], 4, 0.0, 1.0), RewardConfig(), actor_id=0)
