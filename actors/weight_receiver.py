@@ -60,8 +60,12 @@ from shared.weight_group import make_weight_group
 EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 
 
-class _BucketStream:
-    """Receives the buckets of one push and yields (name, tensor) views into them."""
+class BucketStream:
+    """Receives the buckets of one push and yields (name, tensor) views into them.
+
+    Prefetches: once a bucket's header is read, the next bucket's receive starts, so its bytes
+    travel while the caller applies this one (memory: two buckets, plus what the caller holds).
+    """
 
     def __init__(self, group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL, device: torch.device) -> None:
         self.group, self.device = group, device
@@ -71,31 +75,47 @@ class _BucketStream:
         self.broken = False
         """A collective failed (timeout, dead peer): the group is out of step and must be rebuilt."""
         self._pending: tuple[wp.BucketHeader, torch.Tensor, int] | None = None
+        self._prefetched: tuple[int, torch.Tensor, dist.Work] | None = None
 
-    def _broadcast(self, tensor: torch.Tensor) -> None:
+    def _start(self, tensor: torch.Tensor) -> dist.Work:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         try:
-            self.group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
+            return self.group.broadcast([tensor], opts)  # type: ignore[union-attr]  # missing from the stubs
         except RuntimeError:  # DistBackendError and gloo timeouts: the group cannot be trusted any more
             self.broken = True
             raise
 
-    def _next_bucket(self, validate: bool = True) -> tuple[wp.BucketHeader, torch.Tensor, int]:
+    def _wait(self, work: dist.Work) -> None:
+        try:
+            work.wait()
+        except RuntimeError:
+            self.broken = True
+            raise
+
+    def _start_bucket(self) -> tuple[int, torch.Tensor, dist.Work]:
+        """Receive the next bucket's sizes, then start receiving its buffer: (header bytes, buffer, work)."""
         sizes = torch.empty(2, dtype=torch.int64, device=self.device)
-        self._broadcast(sizes)
+        self._wait(self._start(sizes))
         header_nbytes, buffer_nbytes = (int(x) for x in sizes.tolist())
         buffer = torch.empty(buffer_nbytes, dtype=torch.uint8, device=self.device)
-        self._broadcast(buffer)
+        return header_nbytes, buffer, self._start(buffer)
+
+    def _next_bucket(self, validate: bool = True) -> tuple[wp.BucketHeader, torch.Tensor, int]:
+        header_nbytes, buffer, work = self._prefetched if self._prefetched is not None else self._start_bucket()
+        self._prefetched = None
+        self._wait(work)
         index = self.num_buckets
         self.num_buckets += 1
         start = wp.data_start(header_nbytes)
         try:
-            header = wp.decode_header(buffer[:header_nbytes].cpu().numpy().tobytes(), buffer_nbytes - start)
+            header = wp.decode_header(buffer[:header_nbytes].cpu().numpy().tobytes(), buffer.numel() - start)
         except ValueError:
             self.broken = True  # without a header the end of the push cannot be found
             raise
         self.done = header.last
+        if not header.last:
+            self._prefetched = self._start_bucket()
         version_changed = self.version is not None and header.policy_version != self.version
         if validate and (header.bucket_index != index or version_changed):
             raise ValueError(
@@ -123,6 +143,25 @@ class _BucketStream:
         """Receive (and drop) the rest of the push, keeping the group in step with the sender."""
         while not self.done and not self.broken:
             self._next_bucket(validate=False)
+
+
+def join_weight_group(
+    master_addr: str, master_port: int, rank: int, world_size: int, backend: str, timeout_s: float, group_name: str
+) -> tuple[dist.ProcessGroupGloo | dist.ProcessGroupNCCL, dist.Store]:
+    """Join generation `group_name` of the broadcast group as `rank`, handshake first; returns the group and store."""
+    if not 0 < rank < world_size:
+        raise ValueError(f"weight group rank {rank} outside 1..{world_size - 1} (rank 0 is the sender)")
+    timeout = timedelta(seconds=timeout_s)
+    client = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(group_name, client)
+    sender_world = int(store.get(wp.WORLD_SIZE_KEY))
+    if sender_world != world_size:
+        raise ValueError(
+            f"weight group {group_name!r} has world size {sender_world}; this worker expected {world_size}"
+        )
+    if store.add(wp.joined_key(rank), 1) != 1:
+        raise ValueError(f"rank {rank} of weight group {group_name!r} was claimed twice")
+    return make_weight_group(store, rank, world_size, backend, timeout), store
 
 
 def _is_tied(model: torch.nn.Module) -> bool:
@@ -164,20 +203,10 @@ class WeightReceiver:
         if self._wr_group is not None:
             raise ValueError("this worker already belongs to a weight group; close it first")
         rank = rank_offset + int(self.rank)  # type: ignore[attr-defined]
-        if not 0 < rank < world_size:
-            raise ValueError(f"weight group rank {rank} outside 1..{world_size - 1} (rank 0 is the sender)")
-        timeout = timedelta(seconds=timeout_s)
-        client = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(group_name, client)
-        sender_world = int(store.get(wp.WORLD_SIZE_KEY))
-        if sender_world != world_size:
-            raise ValueError(
-                f"weight group {group_name!r} has world size {sender_world}; this worker expected {world_size}"
-            )
-        if store.add(wp.joined_key(rank), 1) != 1:
-            raise ValueError(f"rank {rank} of weight group {group_name!r} was claimed twice")
-        self._wr_group = make_weight_group(store, rank, world_size, backend, timeout)
-        self._wr_store, self._wr_backend = store, backend
+        self._wr_group, self._wr_store = join_weight_group(
+            master_addr, master_port, rank, world_size, backend, timeout_s, group_name
+        )
+        self._wr_backend = backend
         return rank
 
     def receive_weights(self) -> dict[str, float]:
@@ -185,7 +214,7 @@ class WeightReceiver:
         if self._wr_group is None:
             raise ValueError("receive_weights before init_weight_group")
         device = self.device if self._wr_backend == "nccl" else torch.device("cpu")  # type: ignore[attr-defined]
-        stream = _BucketStream(self._wr_group, device)
+        stream = BucketStream(self._wr_group, device)
         t0 = time.perf_counter()
         try:
             stream.fetch_first()
@@ -209,7 +238,7 @@ class WeightReceiver:
             "seconds": time.perf_counter() - t0,
         }
 
-    def _wr_abort_reload(self, model: torch.nn.Module, stream: _BucketStream) -> None:
+    def _wr_abort_reload(self, model: torch.nn.Module, stream: BucketStream) -> None:
         """After a failed reload: take the layers off the meta device, then drain the push or drop a broken group."""
         with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
             finalize_layerwise_reload(model, self.vllm_config.model_config)  # type: ignore[attr-defined]

@@ -5,18 +5,25 @@ included; a separate lm_head for the untied model), pushes it through the real s
 receiver, and compares vLLM's log-probs (prompt scoring and sampling) with a transformers
 forward pass of the same weights. The receiver's blocking calls run in helper threads while
 the test plays the learner (`deploy.doctor.with_peers`).
+
+The wire itself (pipelined sender, prefetching `BucketStream`) is also checked without vLLM:
+plain receivers in helper threads join with `join_weight_group` and must get every byte, every
+dtype and shape, across many buckets, an oversized tensor and two pushes that reuse the
+sender's staging buffers.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
+from actors.weight_receiver import BucketStream, join_weight_group
 from deploy.doctor import (
     fixed_sequences,
     free_port,
@@ -238,3 +245,94 @@ def test_doctor_with_two_tensor_parallel_workers(random_model_dir, monkeypatch, 
     assert lines[-1] == f"max_abs_logprob_diff: {diff:.3g}"
     print(f"doctor, 2 TP workers: max_abs_logprob_diff {diff:.3g}")
     assert diff < TOL
+
+
+def _mixed_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Tensors of every kind a push meets: dtypes, scalars, empty, non-contiguous, larger than a bucket."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("a.weight", torch.randn(37, 11, generator=g)),
+        ("b.weight", torch.randn(1000, generator=g).to(torch.bfloat16)),
+        ("c.steps", torch.randint(-(2**40), 2**40, (3,), generator=g)),
+        ("d.mask", torch.rand(5, generator=g) > 0.5),
+        ("e.scalar", torch.randn((), generator=g)),
+        ("f.empty", torch.empty(0, 4)),
+        ("g.big", torch.randn(5000, generator=g).to(torch.float16)),  # 10,000 bytes: a bucket of its own
+        ("h.transposed", torch.randn(8, 24, generator=g).t()),
+        *[(f"i.{k}", torch.randn(64, generator=g)) for k in range(20)],
+    ]
+
+
+def _receive_plain(port: int, rank: int, num_pushes: int) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
+    """Join as `rank` and receive `num_pushes` pushes with BucketStream: (version, buckets, tensors) of each."""
+    group, _ = join_weight_group(HOST, port, rank, 3, "gloo", 30.0, "weights/0")
+    pushes = []
+    try:
+        for _ in range(num_pushes):
+            stream = BucketStream(group, torch.device("cpu"))
+            stream.fetch_first()
+            got = {name: t.clone() for name, t in stream}
+            assert stream.done and stream.version is not None
+            pushes.append((stream.version, stream.num_buckets, got))
+    finally:
+        group.shutdown()
+    return pushes
+
+
+def test_pipelined_push_reaches_plain_receivers_bit_for_bit() -> None:
+    port = free_port()
+    receivers = [lambda r=r: _receive_plain(port, r, num_pushes=2) for r in (1, 2)]
+    pushed = [_mixed_tensors(seed=1), _mixed_tensors(seed=2)]
+
+    def learner() -> list:
+        sender = WeightSender(HOST, port, 3, timeout_s=30.0, bucket_bytes=2048)
+        try:
+            return [sender.push(iter(tensors), version) for version, tensors in enumerate(pushed, start=7)]
+        finally:
+            sender.close()
+
+    stats, received = with_peers(receivers, learner)
+    assert [s.num_tensors for s in stats] == [len(t) for t in pushed]
+    assert all(s.num_buckets > 5 for s in stats)
+    for pushes in received:
+        for (version, num_buckets, got), tensors, s in zip(pushes, pushed, stats, strict=True):
+            assert (version, num_buckets) == (s.policy_version, s.num_buckets)
+            assert list(got) == [name for name, _ in tensors]
+            for name, t in tensors:
+                assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+                assert torch.equal(got[name], t), name
+
+
+def test_a_failing_tensor_iterator_lets_the_bucket_on_the_wire_finish() -> None:
+    """The learner's gather fails part way: the sender raises its error once the bucket in flight went out."""
+    port = free_port()
+
+    def failing() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "a.weight", torch.ones(1024)  # 4096 bytes: a bucket of its own, on the wire when the gather fails
+        yield "b.weight", torch.ones(1024)
+        raise RuntimeError("gather failed")
+
+    def receiver() -> tuple[int, str]:
+        group, _ = join_weight_group(HOST, port, 1, 2, "gloo", 3.0, "weights/0")
+        stream = BucketStream(group, torch.device("cpu"))
+        try:
+            with pytest.raises(RuntimeError) as failure:  # the push never ends: a timeout, not a hang
+                stream.fetch_first()
+                list(stream)
+        finally:
+            group.shutdown()
+        return stream.num_buckets, str(failure.value)
+
+    def learner() -> None:
+        sender = WeightSender(HOST, port, 2, timeout_s=30.0, bucket_bytes=4096)
+        try:
+            with pytest.raises(RuntimeError, match="gather failed"):
+                sender.push(failing(), 1)
+            assert sender.has_group  # not a collective failure: the group stays
+        finally:
+            sender.close()
+
+    t0 = time.perf_counter()
+    _, [(num_buckets, error)] = with_peers([receiver], learner)
+    assert num_buckets == 1 and "gather failed" not in error
+    assert time.perf_counter() - t0 < 30
