@@ -72,13 +72,16 @@ def write_policy(policy: nn.Module, model_path: str, out_dir: str | Path) -> Pat
     return out
 
 
-def log_final_artifacts(policy: nn.Module, tracker: Any, model_path: str) -> None:
-    """End of a run, on every rank: rank 0 uploads the plots under `plots/` and the policy under `policy/`."""
+def log_final_artifacts(policy: nn.Module, tracker: Any, model_path: str, *, log_policy: bool = True) -> None:
+    """End of a run, on every rank: rank 0 uploads the plots under `plots/` and (if `log_policy`, the same
+    on every rank) the policy under `policy/`."""
     if not _any_rank(tracker is not None):
         return
     t0 = time.perf_counter()
     if tracker is not None:
         tracker.log_plots()  # first: small, and the most useful if the policy upload fails
+    if not log_policy:
+        return
     with tempfile.TemporaryDirectory(prefix="vapo-policy-") as tmp:
         out = write_policy(policy, model_path, Path(tmp) / "policy")
         if tracker is not None:

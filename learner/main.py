@@ -279,7 +279,8 @@ def run_learner(
             log.info("stopping at step %d (version %d): checkpointing, then exiting", learner.step, version)
         if saved_step != learner.step:
             checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
-        log_final_artifacts(learner.policy, tracker, model_path)  # rank 0: plots/ and policy/ to MLflow
+        # rank 0: plots/ and policy/ to MLflow
+        log_final_artifacts(learner.policy, tracker, model_path, log_policy=cfg.tracking.log_policy)
     return LearnerReport(steps=learner.step, version=version, metrics=history, stopped=stopped)
 
 

@@ -312,6 +312,8 @@ class QueueConfig:
     """Delay the queue suggests to an actor it grants no lease (or whose group it cannot hold yet)."""
     publish_interval_s: float = 0.5
     """The policy version and control state are re-broadcast this often (late subscribers catch up)."""
+    embedded: bool = True
+    """Run the queue in a thread of learner rank 0 (batches reach the learner in-process); false: its own process."""
 
     def __post_init__(self) -> None:
         for key, port in (("queue.port", self.port), ("queue.pub_port", self.pub_port)):
@@ -386,6 +388,8 @@ class TrackingConfig:
     """MLflow run name; None lets MLflow choose."""
     log_every: int = 1
     """Log metrics every this many steps."""
+    log_policy: bool = True
+    """Upload the final policy (a Hugging Face directory) as the run's `policy/` artifact; plots are always logged."""
 
     def __post_init__(self) -> None:
         _positive(self.log_every, "tracking.log_every")

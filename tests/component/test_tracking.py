@@ -93,3 +93,19 @@ def test_report_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not missing.exists() and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="nothing to plot"):
         write_plots({"rollout/acc": [], "unrelated": [(1, 1.0)]}, tmp_path / "empty")
+
+
+def test_policy_upload_can_be_switched_off(random_model_dir: Path, tmp_path: Path) -> None:
+    from learner.final_artifacts import log_final_artifacts
+    from shared.config import load_config
+    from shared.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config([], [f"tracking.tracking_uri={uri}", "tracking.log_policy=false"])
+    tracker = Tracker(cfg, system_metrics=False)
+    tracker.log_metrics({"rollout/acc": 0.5}, step=1)
+    log_final_artifacts(_perturbed_policy(str(random_model_dir)), tracker, str(random_model_dir),
+                        log_policy=cfg.tracking.log_policy)
+    tracker.close()
+    artifacts = run_artifacts(tracker.run_id, uri)
+    assert f"plots/{OVERVIEW_FILE}" in artifacts and not any(a.startswith("policy/") for a in artifacts)
