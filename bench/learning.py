@@ -35,6 +35,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
+VAPO = [sys.executable, "-m", "deploy.cli"]  # the `vapo` command of this checkout
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -70,14 +71,14 @@ def train(mode: str, staleness: int | None, args: argparse.Namespace, work: Path
     if staleness is not None:
         overrides.append(f"queue.max_staleness={staleness}")
     t0 = time.monotonic()
-    run(["vapo", "train", CONFIG, *overrides], work / f"train_{mode}.log")
+    run([*VAPO, "train", CONFIG, *overrides], work / f"train_{mode}.log")
     wall = time.monotonic() - t0
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
     if not checkpoints:
         raise SystemExit(f"{mode}: no checkpoint in {run_dir / 'checkpoints'}")
     steps = int(checkpoints[-1].name.split("_")[1])
     out = work / f"policy_{mode}"
-    run(["vapo", "export", str(checkpoints[-1]), str(out)], work / f"export_{mode}.log")
+    run([*VAPO, "export", str(checkpoints[-1]), str(out)], work / f"export_{mode}.log")
     print(f"{mode}: {steps} learner steps in the {args.budget_min:g}-minute budget ({wall:.0f} s wall in all)",
           flush=True)
     return steps, str(out), wall
@@ -97,7 +98,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="vapo-bench-learning-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    model = run(["vapo", "make-tiny-model"], work / "make_tiny_model.log")
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("model.path=")]
+    model = given[-1] if given else run([*VAPO, "make-tiny-model"], work / "make_tiny_model.log")
     before = evaluate(model, args, work, "warm start")
     results: dict[str, tuple[int, float]] = {}
     for mode, staleness in [("async", None)] + ([] if args.skip_sync else [("sync", 0)]):
