@@ -29,15 +29,17 @@ Decisions:
   KV cache), receives the push, labels the weights with `set_weight_version(str(version))` and
   resumes (`wake_up(["scheduling"])`). The core stamps every step's output with the label it
   had, and vLLM turns that into per-response spans (`CompletionOutput.weight_versions`), so
-  each Sample gets the version that sampled each of its tokens; the label is set before the
-  round's requests go in. In-flight requests continue from KV the old weights computed (as in
-  PipelineRL's in-flight updates): a token sampled after the switch comes from the new weights
-  attending to that cached prefix, and its behavior log-prob is exactly that distribution's; a
-  request of the same round that starts after the switch may likewise reuse prompt blocks the
-  old weights cached. The learner recomputes `old_logprobs` over the whole sequence with its
-  own weights, and the truncated importance weight corrects the difference like any staleness.
-  `between_steps` returning False (a push failed and the weights are unusable) aborts the
-  round's requests; `generate` then returns an empty list.
+  each Sample gets the version that sampled each of its tokens. The round's label is set, and
+  its requests added, under one such pause, so they enter the scheduler together (the core
+  would otherwise start on the first before the last arrives).
+- In-flight requests continue from the KV cache the old weights computed (as PipelineRL's
+  in-flight updates do): a token sampled after the switch comes from the new weights attending
+  to that cached prefix, and its behavior log-prob is exactly that distribution's; a request
+  of the same round that starts after the switch (it waited for a slot) may likewise reuse
+  prompt blocks the old weights cached. The learner recomputes `old_logprobs` over the whole
+  sequence with its own weights, and the truncated importance weight corrects the difference
+  as it corrects any staleness. `between_steps` returning False (a push failed, the weights
+  are unusable) aborts the round's requests; `generate` then returns an empty list.
 - On CPU, `gpu_memory_utilization` is vLLM's share of the NUMA node's memory minus what the
   worker already holds, which is easy to get wrong on small machines; `kv_cache_memory_bytes`
   sets the KV cache size directly and takes precedence.
@@ -158,8 +160,12 @@ class Engine:
         """Drive the engine step by step, calling `between_steps` in between; [] when it abandons the round."""
         engine = self.llm.llm_engine
         assert not engine.has_unfinished_requests(), "another round is still running in this engine"
-        engine.set_weight_version(str(version))  # before the requests go in: the core stamps each step with it
-        request_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        self.llm.sleep(level=0, mode="keep")  # the requests reach the scheduler together, under this round's label
+        try:
+            engine.set_weight_version(str(version))
+            request_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        finally:
+            self.llm.wake_up(tags=["scheduling"])
         finished = []
         self._in_round = True
         try:

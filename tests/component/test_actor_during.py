@@ -65,12 +65,14 @@ def _switch(versions: np.ndarray, old: int) -> int:
     return int(np.searchsorted(versions, old + 1))
 
 
-def _check_round(prompts: list[list[int]], samples, old_model, new_model, old: int) -> tuple[int, float, float]:
-    """Every response against the weights that sampled each token: (switched responses, worst diff, min gap).
+def _check_round(prompts: list[list[int]], samples, old_model, new_model, old: int) -> tuple[int, float, float, float]:
+    """Every response against the weights that sampled each token: (switched responses, worst diff, gaps).
 
-    The gap is how far the tokens after a switch are from the old weights alone (the push took effect).
+    Gaps, over the tokens after a switch: the smallest max distance to the old weights alone (the
+    push took effect), and the largest to the new weights recomputing the whole prefix (what
+    keeping the in-flight KV cache changes).
     """
-    switched, worst, gap = 0, 0.0, float("inf")
+    switched, worst, gap, recompute_gap = 0, 0.0, float("inf"), 0.0
     for prompt, group in zip(prompts, samples, strict=True):
         assert len(group) == G
         for s in group:
@@ -84,7 +86,9 @@ def _check_round(prompts: list[list[int]], samples, old_model, new_model, old: i
                 switched += 1
                 all_old = hf_logprobs(old_model, [prompt + tokens])[0][len(prompt) - 1 :]
                 gap = min(gap, float(np.max(np.abs(s.logprobs[k:] - all_old[k:]))))
-    return switched, worst, gap
+                all_new = hf_logprobs(new_model, [prompt + tokens])[0][len(prompt) - 1 :]
+                recompute_gap = max(recompute_gap, float(np.max(np.abs(s.logprobs[k:] - all_new[k:]))))
+    return switched, worst, gap, recompute_gap
 
 
 def _full_parity(live, prompts: list[list[int]], samples) -> float:
@@ -117,11 +121,12 @@ def test_a_push_mid_round_switches_versions_once_and_logprobs_follow_the_weights
         samples = live.engine.generate(PROMPTS, n=G, max_tokens=40, seed=5, version=7, between_steps=between_steps)
         live.reference = new_model
         paused = live.engine.paused_seconds - paused0
-        switched, worst, gap = _check_round(PROMPTS, samples, old_model, new_model, old=7)
+        switched, worst, gap, recompute_gap = _check_round(PROMPTS, samples, old_model, new_model, old=7)
         print(f"mid-round push: {switched} of {G * len(PROMPTS)} responses switched; max |behavior - reference| "
-              f"{worst:.3g}; after the switch the old weights alone are {gap:.3g} away; engine paused {paused:.3f}s "
-              f"over {len(calls)} steps")
+              f"{worst:.3g}; after the switch the old weights alone are {gap:.3g} away, the new weights over a "
+              f"recomputed prefix {recompute_gap:.3g}; engine paused {paused:.3f}s over {len(calls)} steps")
         assert switched >= G and worst < TOL and gap > 100 * TOL and paused > 0
+        assert recompute_gap > 100 * TOL  # the in-flight KV cache was kept, not recomputed
 
         # the next round finds no prefix-cache block of the old weights (LONG spans a full block), one version
         again = live.engine.generate(PROMPTS, n=G, max_tokens=16, seed=6, version=8, between_steps=lambda: True)
@@ -192,7 +197,7 @@ def test_actor_loop_takes_part_in_a_push_mid_round(random_engine, random_model_d
         assert rnd is not None and pushed["report"].ok  # type: ignore[attr-defined]
         assert loop.version == 1 and loop.report.mid_round_updates == loop.report.weight_updates == 1
         assert rnd.version == 0 and rnd.gen_seconds > 0
-        switched, worst, gap = _check_round(rnd.prompt_ids, rnd.samples, old_model, new_model, old=0)
+        switched, worst, gap, _ = _check_round(rnd.prompt_ids, rnd.samples, old_model, new_model, old=0)
         print(f"actor loop: {switched} of {G * len(leases)} responses switched; max |behavior - reference| "
               f"{worst:.3g}; old weights alone {gap:.3g} away; idle {loop.report.idle_seconds:.3f}s")
         assert switched >= 1 and worst < TOL and gap > 100 * TOL
