@@ -70,6 +70,10 @@ CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfo
 PROMPT_FORMAT = "each message's content followed by a newline; the response is the worked solution, then EOS"
 
 
+_ADDED_AFTER_V2 = {"slip_prob": 0.0}
+"""Spec fields added after builder version 2, with the value that reproduces version 2's recipe."""
+
+
 @dataclass(frozen=True)
 class TinyModelSpec:
     """Everything that determines a tiny model build; its hash is the cache key."""
@@ -84,6 +88,9 @@ class TinyModelSpec:
     num_train_problems: int = 20000
     train_step_decay: float = 0.5
     """Step law of the warm-start problems: steeper than the task's 0.75, so short problems dominate."""
+    slip_prob: float = 0.0
+    """Per-step probability of an arithmetic slip in the warm-start solutions (noisy demonstrations, see
+    `arithmetic.slipped_solution`); 0: clean solutions."""
     num_eval_problems: int = 200
     batch_size: int = 32
     lr: float = 3e-3
@@ -105,7 +112,11 @@ class TinyModelSpec:
 
     def settings_hash(self) -> str:
         """A short hash of the settings and BUILDER_VERSION."""
-        blob = json.dumps({"builder_version": BUILDER_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        settings = dataclasses.asdict(self)
+        for key, neutral in _ADDED_AFTER_V2.items():  # unset, a later field leaves existing builds' hashes alone
+            if settings[key] == neutral:
+                del settings[key]
+        blob = json.dumps({"builder_version": BUILDER_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -177,13 +188,15 @@ def prompt_text(problem: arithmetic.Problem, tokenizer: PreTrainedTokenizerFast)
 
 
 def encode_examples(
-    problems: list[arithmetic.Problem], tokenizer: PreTrainedTokenizerFast
+    problems: list[arithmetic.Problem], tokenizer: PreTrainedTokenizerFast, slip_prob: float = 0.0, seed: int = 0
 ) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + solution + EOS, prompt length) per problem."""
+    """(token ids of prompt + solution + EOS, prompt length) per problem; solutions slip with `slip_prob` per step."""
     examples = []
+    rng = random.Random(f"slips:{seed}")
     for p in problems:
         prompt_ids = tokenizer.encode(prompt_text(p, tokenizer), add_special_tokens=False)
-        solution_ids = tokenizer.encode(p.solution, add_special_tokens=False)
+        solution = arithmetic.slipped_solution(p, rng, slip_prob) if slip_prob else p.solution
+        solution_ids = tokenizer.encode(solution, add_special_tokens=False)
         examples.append((prompt_ids + solution_ids + [tokenizer.eos_token_id], len(prompt_ids)))
     return examples
 
@@ -258,7 +271,8 @@ def train_until_band(
 ) -> dict[str, Any]:
     """Supervised warm start until the sampled held-out accuracy reaches the target; returns the history."""
     train = encode_examples(
-        arithmetic.generate(spec.num_train_problems, spec.seed, "train", step_decay=spec.train_step_decay), tokenizer
+        arithmetic.generate(spec.num_train_problems, spec.seed, "train", step_decay=spec.train_step_decay),
+        tokenizer, spec.slip_prob, spec.seed,
     )
     held_out = arithmetic.generate(spec.num_eval_problems, spec.seed, "test")
     rng = random.Random(spec.seed)

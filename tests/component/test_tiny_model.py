@@ -66,6 +66,18 @@ def test_build_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
+def test_slips_change_the_recipe_and_its_hash_but_not_the_default_one() -> None:
+    assert TinyModelSpec().settings_hash() == "50abf2ac07fb8aad"  # builder v2's: existing caches stay valid
+    assert TinyModelSpec(slip_prob=0.2).settings_hash() != TinyModelSpec().settings_hash()
+    tokenizer = tiny_model.build_tokenizer()
+    problems = arithmetic.generate(50, 0, "train")
+    clean = tiny_model.encode_examples(problems, tokenizer)
+    assert tiny_model.encode_examples(problems, tokenizer, slip_prob=0.0, seed=3) == clean
+    noisy = tiny_model.encode_examples(problems, tokenizer, slip_prob=0.5, seed=3)
+    assert noisy == tiny_model.encode_examples(problems, tokenizer, slip_prob=0.5, seed=3)  # deterministic
+    assert [p for _, p in noisy] == [p for _, p in clean] and noisy != clean  # same prompts, some slipped answers
+
+
 def test_bad_spec_is_refused() -> None:
     with pytest.raises(ValueError, match="head"):
         TinyModelSpec(hidden_size=64, num_attention_heads=4)
