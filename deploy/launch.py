@@ -10,12 +10,17 @@ The only module that imports Ray. `train(cfg)` is what `vapo train CONFIG` runs:
    resource), so a run that cannot fit fails with the resources it asked for rather than hanging
    half-started: at once when no node could ever hold a bundle, after `deploy.placement_timeout_s`
    when they fit but are taken (Ray's placement groups otherwise wait forever);
-3. the queue (a Ray actor pinned to the driver's node, so `queue.host` is the machine `vapo train`
-   runs on; it runs `shared.queue_service.serve` in a thread; on resume it starts
-   from the checkpoint's cursor and version), the learner ranks (rank 0 owns the queue client,
-   the weight-group membership manager and the MLflow run) and the controller, a named Ray
-   actor (`vapo-controller`) that starts the rollout actors, restarts dead ones and changes
-   their number while the run goes on (`vapo scale N`, `deploy/start_cluster.sh scale N`);
+3. the learner ranks (rank 0 owns the queue client, the weight-group membership manager and the
+   MLflow run), the queue and the controller. The queue (`shared.queue_service.QueueThread`; on
+   resume it starts from the checkpoint's cursor and version) runs by default (`queue.embedded`)
+   in a thread of learner rank 0's process: the learner takes its batches over inproc, without a
+   copy, so rollouts cross the network once, from an actor into the learner, as in a bare
+   PUSH/PULL pair (`bench/queue.py`); `queue.host` is then learner rank 0's machine. With
+   `queue.embedded=false` it is a Ray actor of its own pinned to the driver's node (`queue.host`
+   is the machine `vapo train` runs on), and every rollout byte crosses the loopback or network
+   twice. The controller, a named Ray actor (`vapo-controller`), starts the rollout actors,
+   restarts dead ones and changes their number while the run goes on (`vapo scale N`,
+   `deploy/start_cluster.sh scale N`);
 4. progress lines (step, reward, accuracy, length, version lag, tokens/s, ETA) until the learner
    finishes; then the actors and the queue are stopped and the run is closed.
 
@@ -182,26 +187,15 @@ class QueueProcess:
     """The replay queue service, in a thread of this Ray actor."""
 
     def __init__(self, cfg: VapoConfig, cursor: dict | None, version: int) -> None:
-        from shared.queue_service import serve
+        from shared.queue_service import QueueThread
 
-        self._stop = threading.Event()
-        self._result: Any = None
-
-        def run() -> None:
-            self._result = serve(
-                cfg, open_prompt_source(cfg), stop_event=self._stop, cursor=cursor, initial_version=version
-            )
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
+        self._queue = QueueThread(cfg, open_prompt_source(cfg), cursor=cursor, initial_version=version)
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._queue.alive()
 
     def stop(self) -> Any:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        return self._result
+        return self._queue.stop()
 
 
 @ray.remote(max_concurrency=4)
@@ -248,6 +242,7 @@ class LearnerRank:
         self.history: list[dict[str, float]] = []
         self._source: Any = None
         self._pusher: Any = None
+        self._queue: Any = None  # the replay queue embedded in rank 0 (queue.embedded)
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -268,7 +263,7 @@ class LearnerRank:
             from shared.queue_client import ClientSettings, LearnerClient
             from shared.tracking import Tracker
 
-            self._source = LearnerClient(ClientSettings.from_config(cfg))
+            self._source = LearnerClient(ClientSettings.from_config(cfg, in_process=self._queue is not None))
             sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if use_cuda else "gloo")
             self._pusher = MembershipManager.from_config(cfg.sync, sync_backend)
             tracker = Tracker(cfg) if cfg.tracking.enabled else None
@@ -296,6 +291,16 @@ class LearnerRank:
             "version": report.version,
             "run_id": tracker.run_id if tracker is not None else None,
         }
+
+    def start_queue(self, cfg: VapoConfig, cursor: dict | None, version: int) -> None:
+        """Run the replay queue in a thread of this process (rank 0, queue.embedded), resumed at cursor/version."""
+        from shared.queue_service import QueueThread
+
+        self._queue = QueueThread(cfg, open_prompt_source(cfg), cursor=cursor, initial_version=version)
+
+    def stop_queue(self) -> Any:
+        """Stop the embedded queue (after the learner checkpointed and the actors stopped); its final stats."""
+        return self._queue.stop() if self._queue is not None else None
 
     def shutdown(self) -> None:
         """Close the queue client and the weight group's store, after the actors have stopped."""
@@ -406,6 +411,14 @@ class Controller:
 # ---- the driver ---------------------------------------------------------------------------
 
 
+def _queue_process(cfg: VapoConfig, cursor: dict | None, version: int) -> Any:
+    """The queue as a Ray actor of its own (queue.embedded=false), on the driver's node (`queue.host`)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return QueueProcess.options(num_cpus=0, name="vapo-queue", scheduling_strategy=here).remote(cfg, cursor, version)
+
+
 def _init_ray(cfg: VapoConfig) -> None:
     if cfg.deploy.ray_address is None:
         needed = cfg.learner.num_ranks * cfg.deploy.learner_cpus + cfg.actors.num_actors * cfg.deploy.actor_cpus + 2
@@ -455,12 +468,7 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
     pg = None
     try:
         pg = _placement(cfg)
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        queue = QueueProcess.options(num_cpus=0, name="vapo-queue", scheduling_strategy=here).remote(
-            cfg, cursor, version
-        )
+        queue = None if cfg.queue.embedded else _queue_process(cfg, cursor, version)
         ranks = [
             LearnerRank.options(
                 num_cpus=cfg.deploy.learner_cpus,
@@ -472,6 +480,8 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
             ).remote()
             for i in range(cfg.learner.num_ranks)
         ]
+        if cfg.queue.embedded:  # before the learner's client and the actors connect; a taken port fails here
+            _get(ranks[0].start_queue.remote(cfg, cursor, version))
         master = ray.get(ranks[0].node_ip.remote())
         init_method = f"tcp://{master}:{_free_port()}"
         runs = [r.run.remote(cfg, i, len(ranks), init_method, model_path) for i, r in enumerate(ranks)]
@@ -495,7 +505,7 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
         summary["controller"] = ray.get(controller.status.remote())
         summary["actor_reports"] = ray.get(controller.stop_all.remote())
         ray.get(ranks[0].shutdown.remote())  # after the actors: they deregister from its store
-        summary["queue_stats"] = ray.get(queue.stop.remote())
+        summary["queue_stats"] = ray.get(queue.stop.remote() if queue is not None else ranks[0].stop_queue.remote())
         return summary
     finally:
         if pg is not None:

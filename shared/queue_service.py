@@ -2,7 +2,9 @@
 
 Owns the glue between the sockets (`shared/transport.py`), the bytes (`shared/wire.py`) and
 the bookkeeping (`shared/queue_state.py`). Imports no zmq itself. Runs as its own process
-(`vapo queue`) or in a thread of the learner: `serve(cfg, source, stop_event=...)`.
+(`vapo queue`) or in a thread of learner rank 0 (`QueueThread`, the launcher's default,
+`queue.embedded`): the learner's client then talks to it over inproc, so a batch reaches the
+learner without a copy and rollouts cross the network once, from the actor into this process.
 
 Requests (all on one ROUTER, answered in arrival order by one thread):
 - lease(actor_id, incarnation, policy_version, num_prompts) -> leases (or none, a reason and
@@ -254,6 +256,35 @@ class QueueService:
                  stats.consumed, stats.queued, stats.in_flight, unconsumed[:64])
         self.server.close()
         return stats
+
+
+class QueueThread:
+    """The service in a daemon thread of this process (learner rank 0 embedding it); `stop` ends it.
+
+    The sockets are bound here, in the caller's thread, so a taken port raises at once instead
+    of in the thread; zmq allows a socket to move to another thread at such a hand-over.
+    """
+
+    def __init__(self, cfg: VapoConfig, prompt_source: PromptSourceLike, *, cursor: dict[str, Any] | None = None,
+                 initial_version: int = 0) -> None:
+        self.service = QueueService(cfg, prompt_source, cursor=cursor, initial_version=initial_version)
+        self._stop = threading.Event()
+        self._stats: QueueStats | None = None
+        self._thread = threading.Thread(target=self._run, name="vapo-queue", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._stats = self.service.run(self._stop)
+
+    def alive(self) -> bool:
+        """Whether the loop still runs."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 30.0) -> QueueStats | None:
+        """End the loop (waiting batch requests get `stopping`); the final stats, None if it failed or did not end."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return self._stats
 
 
 def serve(cfg: VapoConfig, prompt_source: PromptSourceLike, *, stop_event: threading.Event | None = None,

@@ -11,7 +11,6 @@ import dataclasses
 import multiprocessing as mp
 import queue
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 
 from shared.config import AlgoConfig, LearnerConfig, QueueConfig, RolloutConfig, VapoConfig
 from shared.queue_client import ActorClient, ClientSettings
-from shared.queue_service import serve
+from shared.queue_service import QueueThread, serve
 from shared.types import Lease, RolloutGroup, make_group
 
 SPAWN = mp.get_context("spawn")
@@ -168,18 +167,14 @@ def drain(events: Any) -> list[tuple]:
 
 @contextlib.contextmanager
 def queue_thread(cfg: VapoConfig, source: Any, **kw: Any) -> Iterator[dict[str, Any]]:
-    """The service embedded in a thread of this process, as a learner would run it; yields {'stats': final}."""
-    stop = threading.Event()
+    """The service in a thread of this process (`QueueThread`, as learner rank 0 runs it); yields {'stats': final}."""
     out: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: out.update(stats=serve(cfg, source, stop_event=stop, **kw)),
-                              daemon=True)
-    thread.start()
+    service = QueueThread(cfg, source, **kw)
     try:
         yield out
     finally:
-        stop.set()
-        thread.join(10)
-        assert not thread.is_alive()
+        out["stats"] = service.stop(10)
+        assert not service.alive() and out["stats"] is not None
 
 
 def service_main(cfg: VapoConfig, num_prompts: int, results: Any) -> None:
