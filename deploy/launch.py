@@ -35,7 +35,16 @@ its nodes and the running job (actors, where they run, the learner's last step) 
 An actor's placement group outlives restarts of the actor (the replacement lands where it was) and is
 released when the actor is scaled away.
 
-Failure modes: a dead learner rank ends the run with an error (restart with `resume=true`);
+Stopping: SIGINT/SIGTERM to the driver (Ctrl-C) asks every learner rank to stop; SIGTERM to a learner
+rank's own process does the same for that rank (its handler is installed in the actor's `__init__`, which
+runs in the process's main thread, and replaces Ray's, which would exit at once). The ranks agree on the
+step boundary to stop at (`learner.main`), write a checkpoint of it and return; the actors and the queue
+are then stopped as at the end of a run, and `resume=true` continues from that checkpoint. A second signal
+to the driver aborts without waiting.
+
+Failure modes: a dead learner rank ends the run at once with an error naming the checkpoint that
+`resume=true` continues from (the other ranks may be stuck in a collective with it; stopping the Ray
+instance ends them);
 no Ray cluster at `deploy.ray_address`, a missing model path or a port in use fail before anything
 starts, with one line; resources that cannot be placed fail with one line naming what was asked
 and what the cluster has (a `scale` that cannot place every new actor keeps the ones it placed).
@@ -48,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -182,6 +192,18 @@ def _in_group(pg: Any, index: int = 0) -> Any:
 # ---- Ray actors ---------------------------------------------------------------------------
 
 
+def _worker_logging() -> None:
+    """The run's own INFO lines (`vapo.*`: resumes, weight updates, restarts) from a Ray worker, on stderr,
+    which Ray forwards to the driver's terminal with the worker's name and pid."""
+    logger = logging.getLogger("vapo")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 @ray.remote(max_concurrency=4)
 class QueueProcess:
     """The replay queue service, in a thread of this Ray actor."""
@@ -189,6 +211,7 @@ class QueueProcess:
     def __init__(self, cfg: VapoConfig, cursor: dict | None, version: int) -> None:
         from shared.queue_service import QueueThread
 
+        _worker_logging()
         self._queue = QueueThread(cfg, open_prompt_source(cfg), cursor=cursor, initial_version=version)
 
     def alive(self) -> bool:
@@ -203,6 +226,7 @@ class RolloutWorker:
     """One rollout actor (vLLM engine + loop), in a thread of this Ray actor."""
 
     def __init__(self, cfg: VapoConfig, actor_id: int, model_path: str) -> None:
+        _worker_logging()
         self.cfg, self.actor_id, self.model_path = cfg, actor_id, model_path
         self._stop = threading.Event()
         self.error: str | None = None
@@ -238,11 +262,32 @@ class LearnerRank:
     """One learner rank: joins the learner process group, then runs `learner.main.run_learner`."""
 
     def __init__(self) -> None:
+        _worker_logging()
         self.latest: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._source: Any = None
         self._pusher: Any = None
         self._queue: Any = None  # the replay queue embedded in rank 0 (queue.embedded)
+        self._stop = threading.Event()
+        self._running = False
+        # __init__ runs in the process's main thread (run() does not), so the SIGTERM handler goes here
+        self._ray_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """A first SIGTERM during a run: checkpoint at the next step boundary and end the run; else Ray's exit."""
+        if self._running and not self._stop.is_set():
+            log.warning("SIGTERM: the learner stops at the next step boundary, after a checkpoint")
+            self._stop.set()
+        elif callable(self._ray_sigterm):
+            self._ray_sigterm(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def request_stop(self) -> None:
+        """Stop at the next step boundary (every rank agrees on which), checkpoint, and return from run()."""
+        self._stop.set()
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -272,6 +317,7 @@ class LearnerRank:
             self.latest = metrics
             self.history.append(metrics)
 
+        self._running = True
         try:
             report = run_learner(
                 cfg,
@@ -280,15 +326,18 @@ class LearnerRank:
                 pusher=self._pusher,
                 device=device,
                 tracker=tracker,
+                stop_event=self._stop,
                 on_step=on_step,
             )
         finally:
+            self._running = False
             if tracker is not None:
                 tracker.close()
             dist.destroy_process_group()
         return {
             "steps": report.steps,
             "version": report.version,
+            "stopped": report.stopped,
             "run_id": tracker.run_id if tracker is not None else None,
         }
 
@@ -318,6 +367,7 @@ class Controller:
     """Starts, watches, restarts and scales the rollout actors of a run (a named Ray actor)."""
 
     def __init__(self, cfg: VapoConfig, model_path: str) -> None:
+        _worker_logging()
         self.cfg, self.model_path = cfg, model_path
         self.workers: dict[int, Any] = {}
         self.groups: dict[int, Any] = {}  # actor id -> its placement group, kept across restarts
@@ -452,6 +502,73 @@ def _progress_line(m: dict[str, float], total: int, started: float, first_step: 
     )
 
 
+class _StopOnSignal:
+    """SIGINT/SIGTERM to the driver (Ctrl-C, `kill`): the first calls `on_first` in a new thread (Ray calls do
+    not belong in a signal handler, and the main thread may be inside one) to ask the learner to stop at its
+    next step boundary (it checkpoints, then the run shuts down as usual); a second one aborts at once."""
+
+    def __init__(self, on_first: Any) -> None:
+        self.on_first = on_first
+        self.requested = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            raise KeyboardInterrupt(f"second {name}: aborting without waiting for the learner's checkpoint")
+        log.warning("%s: the learner stops at its next step boundary and checkpoints (again to abort)", name)
+        self.requested.set()
+        threading.Thread(target=self.on_first, daemon=True).start()
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+def _follow_learner(cfg: VapoConfig, ranks: list[Any], runs: list[Any], first_step: int,
+                    on_progress: Any) -> dict[str, Any]:
+    """Print progress until every learner rank returns (rank 0's summary); forward a driver's stop request.
+
+    A rank that died or failed ends the run with a RuntimeError at once (the others may be stuck in a
+    collective with it), naming the checkpoint that `resume=true` continues from.
+    """
+    from learner import checkpoint
+
+    started, last_step = time.time(), -1
+    with _StopOnSignal(lambda: [rank.request_stop.remote() for rank in ranks]):
+        while True:
+            ready, _ = ray.wait(runs, num_returns=len(runs), timeout=1.0)
+            for i, ref in enumerate(runs):
+                if ref in ready:
+                    try:
+                        ray.get(ref)
+                    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                        ckpt = checkpoint.latest(cfg.run_dir)
+                        resume = f"resume=true continues from {ckpt}" if ckpt else "no checkpoint was written"
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        raise RuntimeError(f"learner rank {i} died ({first}); {resume}") from e
+            try:
+                m = ray.get(ranks[0].progress.remote())
+            except ray.exceptions.RayActorError:
+                m = {}  # rank 0 died: its run reports it on the next round
+            if m and int(m.get("train/version", -1)) != last_step:
+                last_step = int(m["train/version"])
+                on_progress(_progress_line(m, cfg.learner.total_steps, started, first_step))
+            if len(ready) == len(runs):
+                break
+    summary = ray.get(runs[0])
+    if summary["stopped"]:
+        on_progress(f"stopped at step {summary['steps']} (policy version {summary['version']}): checkpoint "
+                    f"{checkpoint.latest(cfg.run_dir)}; `vapo train ... resume=true` continues from it")
+    return summary
+
+
 def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
     """Run a whole training job on Ray; returns the learner's summary and the final queue stats."""
     from learner import checkpoint
@@ -491,17 +608,8 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
             f"running: {len(ranks)} learner rank(s), {len(actor_ids)} actor(s), "
             f"Ray cluster of {len(ray.nodes())} node(s)"
         )
-        started, last_step = time.time(), -1
         first_step = checkpoint.read_meta(ckpt)["step"] if ckpt is not None else 0
-        while True:
-            ready, _ = ray.wait(runs, num_returns=len(runs), timeout=5.0)
-            m = ray.get(ranks[0].progress.remote())
-            if m and int(m.get("train/version", -1)) != last_step:
-                last_step = int(m["train/version"])
-                on_progress(_progress_line(m, cfg.learner.total_steps, started, first_step))
-            if len(ready) == len(runs):
-                break
-        summary = ray.get(runs[0])
+        summary = _follow_learner(cfg, ranks, runs, first_step, on_progress)
         summary["controller"] = ray.get(controller.status.remote())
         summary["actor_reports"] = ray.get(controller.stop_all.remote())
         ray.get(ranks[0].shutdown.remote())  # after the actors: they deregister from its store
