@@ -314,8 +314,6 @@ class QueueConfig:
     """The policy version and control state are re-broadcast this often (late subscribers catch up)."""
     embedded: bool = True
     """Run the queue in a thread of learner rank 0 (batches reach the learner in-process); false: its own process."""
-    embedded: bool = True
-    """Run the queue in a thread of learner rank 0 (batches reach the learner in-process); false: its own process."""
 
     def __post_init__(self) -> None:
         for key, port in (("queue.port", self.port), ("queue.pub_port", self.pub_port)):
