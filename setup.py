@@ -27,6 +27,8 @@ setup(
         "numpy",
         "omegaconf",
         "mlflow",
+        "matplotlib",  # end-of-run plots and `vapo report` (also a dependency of mlflow, but used directly)
+        "psutil",  # system/* figures and the cluster helpers (also arrives with vllm, but used directly)
         "ray",
         "math-verify",
         "pyarrow",
