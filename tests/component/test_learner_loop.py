@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from learner import checkpoint
-from learner.main import run_learner
+from learner.main import run_learner, sigterm_sets
 from shared.config import VapoConfig, load_config
 from shared.queue_client import ActorClient, ClientSettings, LearnerClient
 from shared.queue_service import serve
@@ -198,3 +198,19 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(random_model_dir:
     meta = checkpoint.read_meta(ckpt)
     assert (meta["step"], meta["version"]) == (last, last)
     assert (ckpt / "rng_rank1.pt").is_file()
+
+
+def test_sigterm_sets_the_stop_once_then_goes_to_the_previous_handler() -> None:
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        stop = threading.Event()
+        with sigterm_sets(stop):
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.is_set() and calls == []
+            signal.raise_signal(signal.SIGTERM)  # a second one: the handler installed before
+            assert calls == [signal.SIGTERM]
+        signal.raise_signal(signal.SIGTERM)  # restored on the way out
+        assert calls == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

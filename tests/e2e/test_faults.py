@@ -4,7 +4,8 @@ CI (random-init model, a few steps): SIGTERM to the driver after the first step 
 checkpoint at the next step boundary and the run end cleanly; `resume=true` continues from that
 checkpoint with the next step and version numbers, and the actor generates only after it received the
 checkpoint's weights: the first resumed batch has version lag 0 and its behavior log-probs match the
-learner's to vLLM/transformers parity, where one version of staleness already differs 30x more.
+learner's to vLLM/transformers parity, where one version of staleness already differs 30x more. The
+driver's signal handler alone: the first signal forwards the stop once, a second one aborts.
 
 Slow (the built tiny model):
 - an actor SIGKILLed mid-run: training goes on, the controller starts a replacement under the same id,
@@ -175,6 +176,22 @@ def _check_resumed(out: str, run_id: str, uri: str, from_step: int, total: int, 
 
 
 # ---- CI: SIGTERM to the driver, then resume (random-init model) --------------------------------------------
+
+
+def test_driver_signal_forwards_the_stop_once_then_aborts() -> None:
+    """The driver's handler (no Ray instance needed): the first signal calls the forwarder, the second aborts."""
+    import threading
+
+    from deploy.launch import _StopOnSignal
+
+    forwarded = threading.Event()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with _StopOnSignal(forwarded.set) as signals:
+        signal.raise_signal(signal.SIGTERM)
+        assert forwarded.wait(10) and signals.requested.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_sigterm_to_the_driver_checkpoints_and_resume_continues(tmp_path: Path, runs: list[Train]) -> None:
