@@ -218,7 +218,7 @@ def test_sigterm_to_the_driver_checkpoints_and_resume_continues(tmp_path: Path, 
     stopped = STOPPED.search(out)
     assert stopped is not None, out[-4000:]
     step = int(stopped.group(1))
-    assert seen <= step <= seen + 2 and step < 40  # the step that ran when the signal came (the line lags)
+    assert seen <= step <= seen + 4 and step < 40  # soon after the signal (the progress line lags a step or two)
     assert stopped.group(2) == str(step)
     ckpt = checkpoint.latest(tmp_path / "run")
     assert ckpt is not None and ckpt.name == f"step_{step:06d}"
