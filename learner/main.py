@@ -314,9 +314,8 @@ def sigterm_sets(stop: threading.Event) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    previous = signal.SIG_DFL if previous is None else previous  # a handler installed outside Python
+    installed = signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if installed is None else installed  # None: a handler installed outside Python
 
     def handler(signum: int, frame: Any) -> None:
         if not stop.is_set():
@@ -336,7 +335,7 @@ def sigterm_sets(stop: threading.Event) -> Iterator[None]:
 
 
 def _should_stop(local: bool) -> bool:
-    """Whether any rank (in practice rank 0, which talks to the queue) asks to stop."""
+    """Whether any rank asks to stop: an all-reduce (MAX) of every rank's flag; all ranks call it at one point."""
     flag = torch.tensor([1 if local else 0])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
