@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -34,6 +35,8 @@ from typing import Any
 
 from shared.config import VapoConfig, flatten, to_yaml
 from shared.plots import PLOT_KEYS, write_plots
+
+_URI_ENV = "MLFLOW_TRACKING_URI"
 
 log = logging.getLogger("vapo.tracking")
 _MAX_PARAM_LEN = 500
@@ -83,7 +86,14 @@ class Tracker:
         self._mlflow = mlflow
         self._probe = SystemProbe() if system_metrics else None
         self.uri = cfg.tracking.resolved_uri
+        env_uri = os.environ.get(_URI_ENV)
         mlflow.set_tracking_uri(self.uri)
+        # mlflow also writes the URI into os.environ, which would override the config of every later
+        # Tracker in this process and of every process it starts: keep the environment as the user set it.
+        if env_uri is None:
+            os.environ.pop(_URI_ENV, None)
+        else:
+            os.environ[_URI_ENV] = env_uri
         mlflow.set_experiment(cfg.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=cfg.tracking.run_name)
         self.run_id: str = self.run.info.run_id

@@ -109,3 +109,22 @@ def test_policy_upload_can_be_switched_off(random_model_dir: Path, tmp_path: Pat
     tracker.close()
     artifacts = run_artifacts(tracker.run_id, uri)
     assert f"plots/{OVERVIEW_FILE}" in artifacts and not any(a.startswith("policy/") for a in artifacts)
+
+
+def test_trackers_in_one_process_keep_their_own_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from shared.config import load_config
+    from shared.tracking import Tracker, metric_history
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = []
+    for name in ("a", "b"):  # mlflow.set_tracking_uri writes os.environ; the second must not log into the first
+        uri = f"sqlite:///{tmp_path / name}.db"
+        tracker = Tracker(load_config([], [f"tracking.tracking_uri={uri}"]), system_metrics=False)
+        tracker.log_metrics({"rollout/acc": 0.5}, step=1)
+        tracker.close()
+        runs.append((tracker.run_id, uri))
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    for run_id, uri in runs:
+        assert metric_history(run_id, ["rollout/acc"], uri)["rollout/acc"] == [(1, 0.5)]
