@@ -1,7 +1,7 @@
 # The two commands of README.md. Both install what they need first (scripts/install.sh is
 # idempotent and returns in about a second when everything is in place).
 PY ?= python3
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: install lint test train bench
 
