@@ -4,8 +4,9 @@ What the launcher relies on: `LearnerRank.start_queue` binds before it returns (
 learner's client find it), resumes from a checkpoint's cursor and version exactly as the queue in its
 own process does (no prompt consumed before the checkpoint comes again, the ones in flight come first),
 serves actors over TCP from inside the rank's process, and `stop_queue` hands back the final stats.
-The learner's in-process (inproc) client is covered by test_queue_flow.py and, through `vapo train`,
-by tests/e2e/test_train_smoke.py.
+`QueueProcess`, the queue as a Ray actor of its own (`queue.embedded=false`), does the same. The
+learner's in-process (inproc) client is covered by test_queue_flow.py and, through `vapo train`, by
+tests/e2e/test_train_smoke.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-def test_learner_rank_zero_runs_the_queue_resumed_from_a_checkpoint_cursor(local_ray: None) -> None:
+@pytest.mark.parametrize("embedded", [True, False], ids=["in-learner-rank-0", "own-process"])
+def test_the_launchers_queue_resumes_from_a_checkpoint_cursor(local_ray: None, embedded: bool) -> None:
     import ray
 
     cfg = make_cfg(max_staleness=1, prompts_per_step=2, group_size=2)
@@ -56,10 +58,15 @@ def test_learner_rank_zero_runs_the_queue_resumed_from_a_checkpoint_cursor(local
     actor.close()
     assert first.stop() is not None
 
-    # The resumed run: the queue in learner rank 0's process, at the checkpoint's cursor and version 3.
-    rank = launch.LearnerRank.options(num_cpus=0).remote()
+    # The resumed run, at the checkpoint's cursor and version 3: the queue in learner rank 0's process
+    # (queue.embedded), or the Ray actor of its own the launcher starts for queue.embedded=false.
+    if embedded:
+        host = launch.LearnerRank.options(num_cpus=0).remote()
+        ray.get(host.start_queue.remote(cfg, cursor, 3), timeout=120)
+    else:
+        host = launch.QueueProcess.options(num_cpus=0).remote(cfg, cursor, 3)
+        assert ray.get(host.alive.remote(), timeout=120)  # constructed: bound
     try:
-        ray.get(rank.start_queue.remote(cfg, cursor, 3), timeout=120)
         actor = ActorClient(ClientSettings.from_config(cfg), actor_id=1)  # over TCP, as the rollout actors
         reply = actor.lease(4, 3)
         assert reply.version == 3
@@ -69,7 +76,7 @@ def test_learner_rank_zero_runs_the_queue_resumed_from_a_checkpoint_cursor(local
         assert len(set(resumed)) == 4 and all(x.policy_version == 3 for x in reply.leases)
         assert actor.submit([synthetic_group(x, 1, 3, 2, 8, rng) for x in reply.leases[:1]]) == ["accepted"]
         actor.close()
-        stats = ray.get(rank.stop_queue.remote(), timeout=60)
+        stats = ray.get((host.stop_queue if embedded else host.stop).remote(), timeout=60)
     finally:
-        ray.kill(rank)
+        ray.kill(host)
     assert stats.leased == 4 and stats.queued == 1 and stats.in_flight == 3 and stats.identity_holds()
