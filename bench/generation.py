@@ -8,13 +8,15 @@ called once per lease batch of `actors.prompts_per_lease` prompts, as the actor 
 transformers runs `generate(do_sample=True, num_return_sequences=G)` on the same prompts with the
 same temperature, top-p (top-k off, as in vLLM) and max_new_tokens, several prompts per call, left
 padding, KV cache on; it is timed at each batch size of `--hf-batch-prompts` and its best figure
-counts. It runs on one torch thread (`--threads`), as vLLM's CPU worker does (vLLM's automatic
-binding keeps the other core for the engine's scheduler); on this shared 2-core machine two
-OpenMP threads ran transformers 5-8x slower (47 against 371 tokens/s at load 7-12). Generated
-tokens are counted up to and including the first EOS (vLLM returns the EOS among its token ids;
-transformers' padding after it is not counted). Both are warmed up first. Mean response length,
-EOS count and the share of correct answers are printed for both: the same model with the same
-sampling, they must agree up to noise, which shows that the counts compare like with like.
+counts. The two alternate lease batch by lease batch, so the shared machine's load changes fall on
+both alike; both are warmed up first on other prompts. transformers runs on one torch thread
+(`--threads`), as vLLM's CPU worker does (vLLM's automatic binding keeps the other core for the
+engine's scheduler); on this shared 2-core machine two OpenMP threads ran transformers 5-8x
+slower (47 against 371 tokens/s at load 7-12). Generated tokens are counted up to and including
+the first EOS (vLLM returns the EOS among its token ids; transformers' padding after it is not
+counted). Mean response length, EOS count and the share of correct answers are printed for both:
+the same model with the same sampling, they must agree up to noise, which shows that the counts
+compare like with like.
 
 Weight push: the real path, `learner.weight_sync.WeightSender` (bucketed, header, handshake) over
 a gloo group built by `shared.weight_group`, to two receivers:
@@ -53,7 +55,7 @@ import multiprocessing as mp  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -89,15 +91,23 @@ def load() -> str:
 
 @dataclass
 class GenResult:
-    """Generated tokens, seconds, and per-response lengths and correctness of one generator's pass."""
+    """What one generator produced over the run: tokens, seconds, per-response lengths and correctness."""
 
     name: str
-    num_tokens: int
-    seconds: float
-    lengths: list[int]
-    correct: list[bool]
-    num_eos: int
+    num_tokens: int = 0
+    seconds: float = 0.0
+    lengths: list[int] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    num_eos: int = 0
     """Responses that ended with EOS (the EOS is among the counted tokens); the rest hit max_new_tokens."""
+
+    def add(self, lengths: list[int], correct: list[bool], num_eos: int, seconds: float) -> None:
+        """Count one timed call."""
+        self.lengths += lengths
+        self.correct += correct
+        self.num_tokens += sum(lengths)
+        self.num_eos += num_eos
+        self.seconds += seconds
 
     @property
     def tokens_per_s(self) -> float:
@@ -125,19 +135,17 @@ def arithmetic_prompts(tokenizer, num: int, seed: int, max_prompt_tokens: int) -
     return prompts, [r.ground_truth for r in records]
 
 
-def run_vllm(engine, prompts: list[list[int]], truths: list[str], cfg: VapoConfig, eos_id: int) -> GenResult:
-    """One `Engine.generate` call per lease batch (`actors.prompts_per_lease` prompts), as the actor loop makes."""
-    r, per_call = cfg.rollout, cfg.actors.prompts_per_lease
-    lengths, correct, num_eos = [], [], 0
+def run_vllm(engine, prompts: list[list[int]], truths: list[str], cfg: VapoConfig, eos_id: int,
+             result: GenResult) -> None:
+    """One `Engine.generate` call for a lease batch of prompts, G samples each, as the actor loop makes it."""
+    r = cfg.rollout
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), per_call):
-        groups = engine.generate(prompts[start : start + per_call], n=G, temperature=r.temperature, top_p=r.top_p,
-                                 max_tokens=r.max_new_tokens, stop=r.stop or None)
-        for group, truth in zip(groups, truths[start : start + per_call], strict=True):
-            lengths += [len(s.token_ids) for s in group]
-            correct += [extract_answer(s.text) == truth for s in group]
-            num_eos += sum(len(s.token_ids) > 0 and int(s.token_ids[-1]) == eos_id for s in group)
-    return GenResult("vllm", sum(lengths), time.perf_counter() - t0, lengths, correct, num_eos)
+    groups = engine.generate(prompts, n=G, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                             stop=r.stop or None)
+    seconds = time.perf_counter() - t0
+    samples = [(s, truth) for group, truth in zip(groups, truths, strict=True) for s in group]
+    result.add([len(s.token_ids) for s, _ in samples], [extract_answer(s.text) == truth for s, truth in samples],
+               sum(len(s.token_ids) > 0 and int(s.token_ids[-1]) == eos_id for s, _ in samples), seconds)
 
 
 def generated_lengths(sequences: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -148,29 +156,45 @@ def generated_lengths(sequences: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_hf(model, tokenizer, prompts: list[list[int]], truths: list[str], cfg: VapoConfig,
-           batch_prompts: int) -> GenResult:
+def run_hf(model, tokenizer, prompts: list[list[int]], truths: list[str], cfg: VapoConfig, batch_prompts: int,
+           result: GenResult) -> None:
     """transformers `generate` with G samples per prompt, `batch_prompts` prompts per call, left padding."""
     r = cfg.rollout
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    lengths, correct, num_eos = [], [], 0
-    t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        t0 = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                              temperature=r.temperature, top_p=r.top_p, top_k=0, max_new_tokens=r.max_new_tokens,
                              num_return_sequences=G, pad_token_id=pad, eos_token_id=eos, use_cache=True)
+        seconds = time.perf_counter() - t0
         generated = out[:, width:]
-        n = generated_lengths(generated, eos).tolist()
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        lengths += n
-        num_eos += int((generated == eos).any(dim=1).sum())
-        correct += [extract_answer(t) == truths[start + i // G] for i, t in enumerate(texts)]
-    return GenResult(f"hf_generate ({batch_prompts} prompts x {G} per call)", sum(lengths),
-                     time.perf_counter() - t0, lengths, correct, num_eos)
+        result.add(generated_lengths(generated, eos).tolist(),
+                   [extract_answer(t) == truths[start + i // G] for i, t in enumerate(texts)],
+                   int((generated == eos).any(dim=1).sum()), seconds)
+
+
+def compare_generation(engine, model, tokenizer, prompts: list[list[int]], truths: list[str], cfg: VapoConfig,
+                       hf_batches: list[int]) -> tuple[GenResult, list[GenResult]]:
+    """vLLM and transformers (at each batch size) on the same prompts, interleaved lease batch by lease batch.
+
+    Interleaving spreads the load of the shared machine over both sides alike.
+    """
+    vllm = GenResult("vllm")
+    hf = [GenResult(f"hf_generate ({b} prompts x {G} per call)") for b in hf_batches]
+    per_lease = cfg.actors.prompts_per_lease
+    for start in range(0, len(prompts), per_lease):
+        lease = prompts[start : start + per_lease], truths[start : start + per_lease]
+        run_vllm(engine, *lease, cfg, tokenizer.eos_token_id, vllm)
+        for b, result in zip(hf_batches, hf, strict=True):
+            run_hf(model, tokenizer, *lease, cfg, b, result)
+        rates = ", ".join(f"{x.tokens_per_s:.0f}" for x in [vllm, *hf])
+        print(f"  prompts {start + len(lease[0])}/{len(prompts)}: tokens/s so far (vllm, hf...) {rates}; {load()}")
+    return vllm, hf
 
 
 # --- weight push ----------------------------------------------------------------------------------------------
@@ -222,8 +246,10 @@ def receiver_main(port: int, rank: int, world_size: int, group_name: str, shapes
     torch.set_num_threads(1)
     from actors.weight_receiver import BucketStream, join_weight_group
 
+    params = {name: torch.zeros(shape, dtype=getattr(torch, dtype_name)) for name, shape in shapes}
+    for p in params.values():
+        p.fill_(0)  # touched, as a loaded model's parameters are
     group, store = join_weight_group(HOST, port, rank, world_size, "gloo", timeout_s, group_name)
-    params = {name: torch.empty(shape, dtype=getattr(torch, dtype_name)) for name, shape in shapes}
     for push in range(num_pushes):
         cpu0 = time.process_time()
         stream = BucketStream(group, torch.device("cpu"))
@@ -321,7 +347,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 prompts, 1 push per model, one HF batch size")
     parser.add_argument("--prompts", type=int, default=64, help="held-out arithmetic problems (G = 16 samples each)")
-    parser.add_argument("--hf-batch-prompts", default="2,4,8", help="prompts per generate call to try (best counts)")
+    parser.add_argument("--hf-batch-prompts", default="1,2,4,8", help="prompts per generate call to try (best counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here (transformers, the memory copy)")
     parser.add_argument("--pushes", type=int, default=3, help="pushes of each model (the best counts)")
     parser.add_argument("--bucket-mb", type=int, default=0, help="bucket size (default: the tiny run's sync.bucket_mb)")
@@ -329,7 +355,7 @@ def main() -> None:
     parser.add_argument("--model-path", default="", help="tiny model directory (default: builtin:tiny)")
     args = parser.parse_args()
     num_prompts, pushes = (16, 1) if args.quick else (args.prompts, args.pushes)
-    hf_batches = [4] if args.quick else [int(b) for b in args.hf_batch_prompts.split(",")]
+    hf_batches = [2] if args.quick else [int(b) for b in args.hf_batch_prompts.split(",")]
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -349,15 +375,14 @@ def main() -> None:
 
     engines = [build_engine(cfg, 0, model_path)]
     try:
-        engines[0].generate(prompts[:2], n=2, max_tokens=16)  # warm-up
-        vllm = run_vllm(engines[0], prompts, truths, cfg, tokenizer.eos_token_id)
-        print(f"{vllm.summary()}; {load()}")
+        warm_prompts, warm_truths = arithmetic_prompts(tokenizer, cfg.actors.prompts_per_lease, args.seed + 1,
+                                                       cfg.rollout.max_prompt_tokens)
+        run_vllm(engines[0], warm_prompts, warm_truths, cfg, tokenizer.eos_token_id, GenResult("warm-up"))
         torch.manual_seed(args.seed)
-        run_hf(model, tokenizer, prompts[:1], truths[:1], cfg, 1)  # warm-up
-        hf_runs = []
-        for b in hf_batches:
-            hf_runs.append(run_hf(model, tokenizer, prompts, truths, cfg, b))
-            print(f"{hf_runs[-1].summary()}; {load()}")
+        run_hf(model, tokenizer, warm_prompts[:1], warm_truths[:1], cfg, 1, GenResult("warm-up"))
+        vllm, hf_runs = compare_generation(engines[0], model, tokenizer, prompts, truths, cfg, hf_batches)
+        for result in [vllm, *hf_runs]:
+            print(result.summary())
         hf = max(hf_runs, key=lambda x: x.tokens_per_s)
 
         print("weight push, tiny model -> 2 live vLLM engines (actors.weight_receiver.WeightReceiver):")
