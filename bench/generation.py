@@ -4,7 +4,10 @@ Generation: the tiny model (`vapo make-tiny-model`) and held-out problems of the
 arithmetic task, tokenised as the actor does (`actors.rollout.prompt_ids`), G = 16 samples per
 prompt, the tiny run's sampling settings (`configs/tiny_cpu.yaml`: temperature, top-p, max new
 tokens). vLLM is the actor's own engine (`actors.main.build_engine`, `actors.engine.Engine`),
-called once per lease batch of `actors.prompts_per_lease` prompts, as the actor loop does.
+called once per lease batch of `actors.prompts_per_lease` prompts, as the actor loop does; its
+`actors.max_num_seqs` is scaled with G so that one lease's samples fit in a batch, as
+tiny_cpu.yaml sizes it for its G = 8 (16 prompts x 8 = 128; the config's 128 with G = 16 ran vLLM
+about 1.4x slower: 5,270 against 7,200-7,370 tokens/s at load 2).
 transformers runs `generate(do_sample=True, num_return_sequences=G)` on the same prompts with the
 same temperature, top-p (top-k off, as in vLLM) and max_new_tokens, several prompts per call, left
 padding, KV cache on; it is timed at each batch size of `--hf-batch-prompts` and its best figure
@@ -12,7 +15,8 @@ counts. The two alternate lease batch by lease batch, so the shared machine's lo
 both alike; both are warmed up first on other prompts. transformers runs on one torch thread
 (`--threads`), as vLLM's CPU worker does (vLLM's automatic binding keeps the other core for the
 engine's scheduler); on this shared 2-core machine two OpenMP threads ran transformers 5-8x
-slower (47 against 371 tokens/s at load 7-12). Generated tokens are counted up to and including
+slower at load 7-12 (47 against 371 tokens/s) and only ~10% faster at load 1.6 (3,100-3,230
+against 2,840-2,880 tokens/s, 1 prompt per call). Generated tokens are counted up to and including
 the first EOS (vLLM returns the EOS among its token ids; transformers' padding after it is not
 counted). Mean response length, EOS count and the share of correct answers are printed for both:
 the same model with the same sampling, they must agree up to noise, which shows that the counts
@@ -362,7 +366,11 @@ def main() -> None:
 
     from actors.main import build_engine
 
-    cfg = load_config([ROOT / "configs" / "tiny_cpu.yaml"], [f"rollout.samples_per_prompt={G}"])
+    tiny = load_config([ROOT / "configs" / "tiny_cpu.yaml"])
+    # G = 16 instead of the tiny run's 8; the engine keeps room for one lease's samples, as tiny_cpu.yaml sizes it
+    seqs = max(tiny.actors.prompts_per_lease * G, tiny.actors.max_num_seqs)
+    cfg = load_config([ROOT / "configs" / "tiny_cpu.yaml"],
+                      [f"rollout.samples_per_prompt={G}", f"actors.max_num_seqs={seqs}"])
     model_path = args.model_path or resolve_model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -370,7 +378,8 @@ def main() -> None:
     r = cfg.rollout
     bucket_bytes = (args.bucket_mb or cfg.sync.bucket_mb) << 20
     print(f"tiny model {model_path}; {num_prompts} prompts x G={G}, temperature {r.temperature}, top_p {r.top_p}, "
-          f"max_new_tokens {r.max_new_tokens}; torch threads {torch.get_num_threads()}; buckets of "
+          f"max_new_tokens {r.max_new_tokens}; vLLM max_num_seqs {seqs} (tiny_cpu.yaml: {tiny.actors.max_num_seqs} "
+          f"for G={tiny.rollout.samples_per_prompt}); torch threads {torch.get_num_threads()}; buckets of "
           f"{bucket_bytes >> 20} MiB; {load()}")
 
     engines = [build_engine(cfg, 0, model_path)]
