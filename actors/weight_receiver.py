@@ -61,11 +61,7 @@ EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 
 
 class BucketStream:
-    """Receives the buckets of one push and yields (name, tensor) views into them.
-
-    Prefetches: once a bucket's header is read, the next bucket's receive starts, so its bytes
-    travel while the caller applies this one (memory: two buckets, plus what the caller holds).
-    """
+    """Receives the buckets of one push and yields (name, tensor) views into them."""
 
     def __init__(self, group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL, device: torch.device) -> None:
         self.group, self.device = group, device
@@ -75,47 +71,31 @@ class BucketStream:
         self.broken = False
         """A collective failed (timeout, dead peer): the group is out of step and must be rebuilt."""
         self._pending: tuple[wp.BucketHeader, torch.Tensor, int] | None = None
-        self._prefetched: tuple[int, torch.Tensor, dist.Work] | None = None
 
-    def _start(self, tensor: torch.Tensor) -> dist.Work:
+    def _broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         try:
-            return self.group.broadcast([tensor], opts)  # type: ignore[union-attr]  # missing from the stubs
+            self.group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
         except RuntimeError:  # DistBackendError and gloo timeouts: the group cannot be trusted any more
             self.broken = True
             raise
 
-    def _wait(self, work: dist.Work) -> None:
-        try:
-            work.wait()
-        except RuntimeError:
-            self.broken = True
-            raise
-
-    def _start_bucket(self) -> tuple[int, torch.Tensor, dist.Work]:
-        """Receive the next bucket's sizes, then start receiving its buffer: (header bytes, buffer, work)."""
+    def _next_bucket(self, validate: bool = True) -> tuple[wp.BucketHeader, torch.Tensor, int]:
         sizes = torch.empty(2, dtype=torch.int64, device=self.device)
-        self._wait(self._start(sizes))
+        self._broadcast(sizes)
         header_nbytes, buffer_nbytes = (int(x) for x in sizes.tolist())
         buffer = torch.empty(buffer_nbytes, dtype=torch.uint8, device=self.device)
-        return header_nbytes, buffer, self._start(buffer)
-
-    def _next_bucket(self, validate: bool = True) -> tuple[wp.BucketHeader, torch.Tensor, int]:
-        header_nbytes, buffer, work = self._prefetched if self._prefetched is not None else self._start_bucket()
-        self._prefetched = None
-        self._wait(work)
+        self._broadcast(buffer)
         index = self.num_buckets
         self.num_buckets += 1
         start = wp.data_start(header_nbytes)
         try:
-            header = wp.decode_header(buffer[:header_nbytes].cpu().numpy().tobytes(), buffer.numel() - start)
+            header = wp.decode_header(buffer[:header_nbytes].cpu().numpy().tobytes(), buffer_nbytes - start)
         except ValueError:
             self.broken = True  # without a header the end of the push cannot be found
             raise
         self.done = header.last
-        if not header.last:
-            self._prefetched = self._start_bucket()
         version_changed = self.version is not None and header.policy_version != self.version
         if validate and (header.bucket_index != index or version_changed):
             raise ValueError(

@@ -17,11 +17,8 @@ Push: `push(named_tensors, version)` takes (Hugging Face name, full unsharded te
 the names vLLM's `load_weights` understands, and streams them in buckets of at most
 `bucket_bytes` (a larger tensor travels alone), each as two broadcasts (sizes, then one uint8
 buffer holding the msgpack header and the tensors' bytes; see `shared.weight_protocol`), then
-an empty final bucket. One flattened buffer per bucket keeps the number of collectives low.
-The push is pipelined: bucket k + 1 is gathered and packed while bucket k is on the wire
-(asynchronous broadcasts), into two staging buffers that alternate and are reused within a
-push (on CPU, a fresh buffer's first touch costs about as much as the copy into it); memory
-beyond the model stays bounded by two buckets. The receivers must be inside
+an empty final bucket. One flattened buffer per bucket keeps the number of collectives low;
+memory beyond the model stays bounded by one bucket. The receivers must be inside
 `receive_weights` while a push runs: the actor loop enters it when the learner announces a new
 version.
 
@@ -123,8 +120,6 @@ class WeightSender:
         self._store: dist.TCPStore | None = store
         self._used_names: set[str] = set()
         self._group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
-        self._staging: list[torch.Tensor | None] = [None, None]
-        """Two bucket buffers, alternating during a push (freed after it)."""
         self.group_name = ""
         self.world_size = 0
         if world_size is not None:  # None: the store only; the first group comes with `rebuild`
@@ -165,71 +160,41 @@ class WeightSender:
             ) from e
         self._group = make_weight_group(store, 0, world_size, self.backend, self.timeout)
 
-    def _start(self, tensor: torch.Tensor) -> dist.Work:
-        """Start a broadcast of `tensor` from rank 0; the caller waits on the returned work."""
+    def _broadcast(self, tensor: torch.Tensor) -> None:
         assert self._group is not None
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         try:
-            return self._group.broadcast([tensor], opts)  # type: ignore[union-attr]  # missing from the stubs
-        except RuntimeError:  # the group is out of step; only a rebuild helps
-            self.close_group()
-            raise
-
-    def _wait(self, works: list[dist.Work]) -> None:
-        try:
-            for work in works:
-                work.wait()
+            self._group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
         except RuntimeError:  # DistBackendError, gloo timeouts: the group is out of step; only a rebuild helps
             self.close_group()
             raise
 
-    def _pack(self, items: list[tuple[str, torch.Tensor]], version: int, index: int, last: bool,
-              slot: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One bucket in staging buffer `slot`: the sizes pair, the buffer (header, then tensors), the data bytes."""
+    def _send_bucket(self, items: list[tuple[str, torch.Tensor]], version: int, index: int, last: bool) -> int:
         metas, nbytes = wp.layout((name, _dtype_name(t.dtype), tuple(t.shape)) for name, t in items)
         header = wp.encode_header(wp.BucketHeader(version, index, last, nbytes, metas))
         start = wp.data_start(len(header))
-        size = start + nbytes
-        staging = self._staging[slot]
-        if staging is None or staging.numel() < size:
-            staging = self._staging[slot] = torch.empty(size, dtype=torch.uint8, device=self.device)
-        buffer = staging[:size]
+        buffer = torch.empty(start + nbytes, dtype=torch.uint8, device=self.device)
         buffer[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         for meta, (_, t) in zip(metas, items, strict=True):
             flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
             buffer[start + meta.offset : start + meta.offset + meta.nbytes].copy_(flat)
-        return torch.tensor([len(header), size], dtype=torch.int64, device=self.device), buffer, nbytes
+        self._broadcast(torch.tensor([len(header), buffer.numel()], dtype=torch.int64, device=self.device))
+        self._broadcast(buffer)
+        return nbytes
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> PushStats:
-        """Broadcast (name, full tensor) pairs as policy `version`, bucket by bucket; returns what moved.
-
-        Pipelined: bucket k + 1 is gathered and packed while bucket k is on the wire, in two staging
-        buffers reused across the push (fresh pages cost as much as a copy on CPU).
-        """
+        """Broadcast (name, full tensor) pairs as policy `version`, bucket by bucket; returns what moved."""
         if self._group is None:
             raise ValueError("push on a closed WeightSender")
         t0 = time.perf_counter()
         num_tensors = num_bytes = num_buckets = 0
-        in_flight: list[dist.Work] = []
         nbytes_of = lambda item: item[1].numel() * item[1].element_size()
-        try:
-            for bucket in wp.group_into_buckets(named_tensors, nbytes_of, self.bucket_bytes):
-                sizes, buffer, nbytes = self._pack(bucket, version, num_buckets, False, num_buckets % 2)
-                works, in_flight = in_flight, []
-                self._wait(works)  # bucket k - 1 is through: its staging buffer is free for bucket k + 1
-                in_flight = [self._start(sizes), self._start(buffer)]
-                num_bytes += nbytes
-                num_tensors += len(bucket)
-                num_buckets += 1
-            works, in_flight = in_flight, []
-            self._wait(works)
-            sizes, buffer, _ = self._pack([], version, num_buckets, True, 0)
-            self._wait([self._start(sizes), self._start(buffer)])
-        finally:
-            if in_flight and self._group is not None:  # gathering or packing failed: let the bucket on the wire finish
-                self._wait(in_flight)
-            self._staging = [None, None]
+        for bucket in wp.group_into_buckets(named_tensors, nbytes_of, self.bucket_bytes):
+            num_bytes += self._send_bucket(bucket, version, num_buckets, last=False)
+            num_tensors += len(bucket)
+            num_buckets += 1
+        self._send_bucket([], version, num_buckets, last=True)
         return PushStats(version, num_tensors, num_buckets + 1, num_bytes, time.perf_counter() - t0)
 
     def close_group(self) -> None:
