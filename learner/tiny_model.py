@@ -21,11 +21,19 @@ Decisions:
   does not support head_dim 16), 2 KV heads, tied input/output embeddings (so the weight
   sync path is tested on a tied model), 1024 positions, float32.
 - Warm start: supervised training on train-split problems (loss on solution and EOS tokens
-  only), evaluated every `eval_every` steps by *sampling at temperature 1* (the RL rollout
-  setting; top-k and top-p off) on held-out test-split problems. Training stops at the
-  first evaluation whose accuracy reaches `target_accuracy` (default 0.25), so RL has room;
-  if `max_steps` pass first, the build fails unless the accuracy lies in
-  [`min_accuracy`, `max_accuracy`] (default 0.1 to 0.6). Greedy accuracy is recorded too.
+  only) for a fixed `max_steps`, with AdamW at `lr` (linear warm-up, then a cosine decay to
+  `lr_floor` of it), on *noisy demonstrations*: each step of a solution slips with
+  probability `slip_prob` (a result off by 1 to 3 that the rest of the solution builds on,
+  `arithmetic.slipped_solution`). The model learns the arithmetic (its most likely
+  continuation is right: greedy accuracy) and also the slips (sampling at temperature 1, the
+  RL rollout setting, makes them: sampled accuracy), so RL has room to sharpen it. Measured
+  at builder version 3, seed 0: greedy about 0.4-0.5, sampled about 0.1-0.3 on 200 held-out
+  problems. Accuracy is measured every `eval_every` steps for the log and at the end, by
+  sampling on held-out test-split problems (top-k and top-p off); the build fails unless the
+  final sampled accuracy lies in [`min_accuracy`, `max_accuracy`] (default 0.1 to 0.6).
+  Version 2 instead stopped at the first evaluation reaching a target accuracy, at a
+  constant learning rate of 3e-3 that trained poorly: an undertrained model whose samples
+  and greedy answers were both mostly wrong (pass@8 0.36), which left RL no room.
 - Cache: `vapo_tiny_model.json` in the directory holds the settings, their hash and the
   measured accuracies; a directory that already holds a build with the same hash is returned
   at once. A build is written to a temporary sibling and renamed into place, so an
@@ -43,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -59,7 +68,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 
 from shared.tasks import arithmetic
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 """Bump when the recipe changes in a way the settings do not show; it is part of the cache key."""
 METADATA_FILE = "vapo_tiny_model.json"
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|endoftext|>", "<|unk|>"
@@ -68,10 +77,6 @@ _BYTE_NAMES = {"\n": "\u010a", " ": "\u0120"}
 """GPT-2 byte-level names of newline and space (Ċ, Ġ); printable ASCII 33..126 are their own names."""
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
 PROMPT_FORMAT = "each message's content followed by a newline; the response is the worked solution, then EOS"
-
-
-_ADDED_AFTER_V2 = {"slip_prob": 0.0}
-"""Spec fields added after builder version 2, with the value that reproduces version 2's recipe."""
 
 
 @dataclass(frozen=True)
@@ -88,16 +93,17 @@ class TinyModelSpec:
     num_train_problems: int = 20000
     train_step_decay: float = 0.5
     """Step law of the warm-start problems: steeper than the task's 0.75, so short problems dominate."""
-    slip_prob: float = 0.0
+    slip_prob: float = 0.3
     """Per-step probability of an arithmetic slip in the warm-start solutions (noisy demonstrations, see
     `arithmetic.slipped_solution`); 0: clean solutions."""
     num_eval_problems: int = 200
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
+    lr_floor: float = 0.1
+    """The cosine decay ends at `lr_floor * lr` at `max_steps`."""
     warmup_steps: int = 50
-    max_steps: int = 4000
-    eval_every: int = 200
-    target_accuracy: float = 0.25
+    max_steps: int = 1500
+    eval_every: int = 500
     min_accuracy: float = 0.1
     max_accuracy: float = 0.6
     max_new_tokens: int = 600
@@ -107,16 +113,14 @@ class TinyModelSpec:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads or self.hidden_size // self.num_attention_heads < 32:
             raise ValueError("hidden_size / num_attention_heads must be an integer >= 32 (vLLM CPU head sizes)")
-        if not 0 <= self.min_accuracy <= self.target_accuracy <= self.max_accuracy <= 1:
-            raise ValueError("need 0 <= min_accuracy <= target_accuracy <= max_accuracy <= 1")
+        if not 0 <= self.min_accuracy <= self.max_accuracy <= 1:
+            raise ValueError("need 0 <= min_accuracy <= max_accuracy <= 1")
+        if self.max_steps < 1 or self.warmup_steps < 1 or not 0 <= self.lr_floor <= 1:
+            raise ValueError("need max_steps >= 1, warmup_steps >= 1 and lr_floor in [0, 1]")
 
     def settings_hash(self) -> str:
         """A short hash of the settings and BUILDER_VERSION."""
-        settings = dataclasses.asdict(self)
-        for key, neutral in _ADDED_AFTER_V2.items():  # unset, a later field leaves existing builds' hashes alone
-            if settings[key] == neutral:
-                del settings[key]
-        blob = json.dumps({"builder_version": BUILDER_VERSION, **settings}, sort_keys=True)
+        blob = json.dumps({"builder_version": BUILDER_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -263,13 +267,15 @@ def _length_bucketed_batches(
 
 
 def _lr_at(step: int, spec: TinyModelSpec) -> float:
-    return spec.lr * min(1.0, (step + 1) / spec.warmup_steps)
+    """Linear warm-up, then a cosine decay from `lr` to `lr_floor * lr` at `max_steps`."""
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(step / spec.max_steps, 1.0)))
+    return spec.lr * min(1.0, (step + 1) / spec.warmup_steps) * (spec.lr_floor + (1.0 - spec.lr_floor) * cosine)
 
 
 def train_until_band(
     model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Supervised warm start until the sampled held-out accuracy reaches the target; returns the history."""
+    """Supervised warm start for `max_steps` steps; returns the accuracies and the history."""
     train = encode_examples(
         arithmetic.generate(spec.num_train_problems, spec.seed, "train", step_decay=spec.train_step_decay),
         tokenizer, spec.slip_prob, spec.seed,
@@ -294,7 +300,7 @@ def train_until_band(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % spec.eval_every == 0:
+        if step % spec.eval_every == 0 or step == spec.max_steps:
             accuracy = evaluate_accuracy(
                 model, tokenizer, held_out, sample=True, seed=spec.seed + step, max_new_tokens=spec.max_new_tokens
             )
@@ -303,8 +309,6 @@ def train_until_band(
                 f"tiny model: step {step} loss {loss.item():.4f} sampled accuracy {accuracy:.3f} "
                 f"({time.monotonic() - started:.0f} s)"
             )
-            if spec.target_accuracy <= accuracy <= spec.max_accuracy:
-                break
     if not spec.min_accuracy <= accuracy <= spec.max_accuracy:
         raise RuntimeError(
             f"tiny model: sampled accuracy {accuracy:.3f} after {step} steps is outside "
