@@ -95,3 +95,22 @@ def test_status_lines() -> None:
     assert _status_lines({"nodes": nodes, "available": available, "job": job})[-1].startswith(
         "  step 7 | reward -0.500 | acc 0.250"
     )
+
+
+def test_a_run_that_failed_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy import cli, launch
+
+    def failing(args: object) -> int:
+        raise launch.RunFailed("learner rank 0 died (killed); resume=true continues from runs/x/step_000004")
+
+    def buggy(args: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (failing, *cli.COMMANDS["train"][1:]))
+    assert cli.main(["train", "configs/tiny_cpu.yaml"]) == 1
+    assert capsys.readouterr().err == ("vapo train: learner rank 0 died (killed); "
+                                       "resume=true continues from runs/x/step_000004\n")
+    monkeypatch.setitem(cli.COMMANDS, "train", (buggy, *cli.COMMANDS["train"][1:]))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        cli.main(["train", "configs/tiny_cpu.yaml"])
