@@ -30,7 +30,8 @@ Decisions:
   at builder version 3, seed 0, 1 thread: greedy 0.385, sampled 0.185 on the 200 held-out
   problems, in 591 s at a load of 3-4 on 2 cores. Accuracy is measured every `eval_every`
   steps for the log and at the end, by sampling on held-out test-split problems (top-k and
-  top-p off); the build fails unless the final sampled accuracy lies in [`min_accuracy`, `max_accuracy`] (default 0.1 to 0.6).
+  top-p off); the build fails unless the final sampled accuracy lies in [`min_accuracy`,
+  `max_accuracy`] (default 0.1 to 0.6).
   Version 2 instead stopped at the first evaluation reaching a target accuracy, at a
   constant learning rate of 3e-3 that trained poorly: an undertrained model whose samples
   and greedy answers were both mostly wrong (pass@8 0.36), which left RL no room.
