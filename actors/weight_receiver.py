@@ -55,7 +55,7 @@ from vllm.config import set_current_vllm_config
 from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
 from shared import weight_protocol as wp
-from shared.weight_group import make_weight_group
+from shared.weight_group import broadcast_from_root, make_weight_group
 
 EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -73,10 +73,8 @@ class BucketStream:
         self._pending: tuple[wp.BucketHeader, torch.Tensor, int] | None = None
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
         try:
-            self.group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
+            broadcast_from_root(self.group, tensor)
         except RuntimeError:  # DistBackendError and gloo timeouts: the group cannot be trusted any more
             self.broken = True
             raise

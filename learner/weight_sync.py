@@ -69,7 +69,7 @@ import torch.distributed as dist
 
 from shared import weight_protocol as wp
 from shared.config import SyncConfig
-from shared.weight_group import make_weight_group
+from shared.weight_group import broadcast_from_root, make_weight_group
 
 log = logging.getLogger("vapo.weight_sync")
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -162,10 +162,8 @@ class WeightSender:
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         assert self._group is not None
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
         try:
-            self._group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
+            broadcast_from_root(self._group, tensor)
         except RuntimeError:  # DistBackendError, gloo timeouts: the group is out of step; only a rebuild helps
             self.close_group()
             raise

@@ -1,5 +1,5 @@
-"""The weight-broadcast process group both sides build: one function, used by the learner's sender and
-the actors' receiver.
+"""The weight-broadcast process group both sides build, and the one collective they run on it: used by
+the learner's sender and the actors' receiver.
 
 Not pure (it imports torch.distributed), so it stays out of `shared/weight_protocol.py`. The group
 is built directly on a store, apart from the default torch.distributed world (vLLM owns that one
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 
@@ -24,3 +25,10 @@ def make_weight_group(
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
     raise ValueError(f"weight group backend must be 'gloo' or 'nccl'; got {backend!r}")
+
+
+def broadcast_from_root(group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL, tensor: torch.Tensor) -> None:
+    """Broadcast `tensor` in place from rank 0 of `group` and wait; a timeout or dead peer raises RuntimeError."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()  # type: ignore[union-attr]  # missing from the stubs
