@@ -4,7 +4,7 @@ Lives in `deploy/` because it is the one place allowed to reach into `shared`, `
 and `actors` alike. Sub-commands parse `CONFIG [key=value ...]` the same way everywhere
 (`shared.config.load_config`), so a typo in any of them fails with the same one-line error.
 Errors meant for the user (ValueError from config or data) print one line and exit 2; a run
-that ends because one of its processes died (`deploy.launch.RunFailed`, which names the
+that ends because one of its processes died (`deploy.cluster.RunFailed`, which names the
 checkpoint to resume from) prints one line and exits 1; anything else is a bug and keeps its
 traceback.
 """
@@ -15,6 +15,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from deploy.cluster import RunFailed
 
 
 def _load(args: argparse.Namespace):  # -> VapoConfig, typed lazily to keep start-up light
@@ -261,10 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"vapo {args.command}: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        launch = sys.modules.get("deploy.launch")  # imported by whatever raised a RunFailed; it imports ray
-        if launch is None or not isinstance(e, launch.RunFailed):
-            raise
+    except RunFailed as e:
         print(f"vapo {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -1,4 +1,5 @@
-"""What a multi-node run needs that is not Ray: placement arithmetic, address checks, and the node processes.
+"""What a run needs that is not Ray: placement arithmetic, address checks, the node processes, and the error
+a failed run ends with (`RunFailed`, which the CLI prints as one line without importing Ray).
 
 Placement: a learner rank or an actor asks for one bundle (`resource_bundle`: its CPUs, GPUs and the
 custom resources of `deploy.learner_resources` / `deploy.actor_resources`). `placement_problem` says, from
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
     import psutil
 
 # ---- placement arithmetic (pure) -------------------------------------------------------------
+
+
+class RunFailed(RuntimeError):
+    """The run ended because a process of it failed; the message says what and how to resume."""
 
 
 def resource_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:

@@ -204,10 +204,6 @@ def _worker_logging() -> None:
         logger.propagate = False
 
 
-class RunFailed(RuntimeError):
-    """The run ended because a process of it failed; the message says what and how to resume."""
-
-
 @ray.remote(max_concurrency=4)
 class QueueProcess:
     """The replay queue service, in a thread of this Ray actor."""
@@ -539,7 +535,7 @@ def _follow_learner(cfg: VapoConfig, ranks: list[Any], runs: list[Any], first_st
                     on_progress: Any) -> dict[str, Any]:
     """Print progress until every learner rank returns (rank 0's summary); forward a driver's stop request.
 
-    A rank that died or failed ends the run with RunFailed at once (the others may be stuck in a
+    A rank that died or failed ends the run with `cluster.RunFailed` at once (the others may be stuck in a
     collective with it), naming the checkpoint that `resume=true` continues from.
     """
     from learner import checkpoint
@@ -556,7 +552,7 @@ def _follow_learner(cfg: VapoConfig, ranks: list[Any], runs: list[Any], first_st
                         ckpt = checkpoint.latest(cfg.run_dir)
                         resume = f"resume=true continues from {ckpt}" if ckpt else "no checkpoint was written"
                         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                        raise RunFailed(f"learner rank {i} died ({first}); {resume}") from e
+                        raise cluster.RunFailed(f"learner rank {i} died ({first}); {resume}") from e
             try:
                 m = ray.get(ranks[0].progress.remote())
             except ray.exceptions.RayActorError:

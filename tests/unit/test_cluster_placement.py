@@ -99,10 +99,11 @@ def test_status_lines() -> None:
 
 def test_a_run_that_failed_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from deploy import cli, launch
+    from deploy import cli
+    from deploy.cluster import RunFailed
 
     def failing(args: object) -> int:
-        raise launch.RunFailed("learner rank 0 died (killed); resume=true continues from runs/x/step_000004")
+        raise RunFailed("learner rank 0 died (killed); resume=true continues from runs/x/step_000004")
 
     def buggy(args: object) -> int:
         raise RuntimeError("a bug")
