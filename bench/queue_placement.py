@@ -31,7 +31,6 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -40,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from bench.learner import VOCAB, make_learner  # noqa: E402
 from bench.queue import EndlessSource  # noqa: E402
+from deploy.doctor import free_port  # noqa: E402
 from learner.main import rollouts_from_groups  # noqa: E402
 from shared.config import LearnerConfig, QueueConfig, RolloutConfig, VapoConfig  # noqa: E402
 from shared.queue_client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
@@ -83,17 +83,16 @@ def actor_main(settings: ClientSettings, actor_id: int, stop: Any, out: Any) -> 
     out.put(trips)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def make_cfg(max_staleness: int) -> VapoConfig:
+    """The tiny configuration's step shape, on free ports."""
+    return VapoConfig(queue=QueueConfig(port=free_port(), pub_port=free_port(), max_staleness=max_staleness),
+                      rollout=RolloutConfig(prompts_per_step=PROMPTS, samples_per_prompt=G),
+                      learner=LearnerConfig(mini_batch_size=PROMPTS * G))
 
 
 def run(placement: str, steps: int, num_actors: int) -> dict[str, float]:
     """Train `steps` steps (after one warm-up) with the queue `embedded` or in its own `process`."""
-    cfg = VapoConfig(queue=QueueConfig(port=free_port(), pub_port=free_port(), max_staleness=2),
-                     rollout=RolloutConfig(prompts_per_step=PROMPTS, samples_per_prompt=G),
-                     learner=LearnerConfig(mini_batch_size=PROMPTS * G))
+    cfg = make_cfg(max_staleness=2)
     service = (QueueThread(cfg, EndlessSource()) if placement == "embedded"
                else SPAWN.Process(target=serve, args=(cfg, EndlessSource()), daemon=True))
     if placement == "process":
@@ -131,9 +130,7 @@ def run(placement: str, steps: int, num_actors: int) -> dict[str, float]:
 
 def run_alone(steps: int) -> dict[str, float]:
     """The same train steps on batches gathered beforehand from an embedded queue: no queue traffic while training."""
-    cfg = VapoConfig(queue=QueueConfig(port=free_port(), pub_port=free_port(), max_staleness=steps + 1),
-                     rollout=RolloutConfig(prompts_per_step=PROMPTS, samples_per_prompt=G),
-                     learner=LearnerConfig(mini_batch_size=PROMPTS * G))
+    cfg = make_cfg(max_staleness=steps + 1)
     service, stop, out = QueueThread(cfg, EndlessSource()), SPAWN.Event(), SPAWN.Queue()
     actor = SPAWN.Process(target=actor_main, args=(ClientSettings.from_config(cfg), 0, stop, out), daemon=True)
     actor.start()
