@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -183,6 +184,56 @@ _GROUP: dict[str, Check] = {
 }
 
 
+# The group header is the per-group Python cost of a submit: checking its ~80 values one closure
+# call at a time costs more than scanning the arrays. `_group_header_ok` checks the same rules
+# with C-level passes (type sets, min/max) and only answers yes or no; a no falls back to
+# `_fields(header, _GROUP, ...)`, which finds the reason. So a valid header takes the fast
+# path and the reasons stay those of the generic checks.
+_INT_LO, _INT_HI = -(1 << 63), (1 << 63) - 1
+_INT_TYPES = frozenset((int,))
+_NUMBER_TYPES = frozenset((int, float))
+_BOOL_TYPES = frozenset((bool,))
+_STR_TYPES = frozenset((str,))
+_FINISH = frozenset(FINISH_REASONS)
+
+
+def _ints_ok(v: Any, lo: int) -> bool:
+    return type(v) is list and len(v) <= MAX_LIST and (
+        not v or (set(map(type, v)) <= _INT_TYPES and min(v) >= lo and max(v) <= _INT_HI))
+
+
+def _number_ok(v: Any, lo: float = -math.inf) -> bool:
+    return type(v) in _NUMBER_TYPES and math.isfinite(v) and v >= lo
+
+
+def _str_ok(v: Any) -> bool:
+    return type(v) is str and len(v) <= MAX_STR
+
+
+def _group_header_ok(h: Any) -> bool:
+    """Whether `_fields(h, _GROUP, ...)` would accept `h` (a quick yes or no; see above)."""
+    if type(h) is not dict or h.keys() != _GROUP.keys():
+        return False
+    for key in ("lease_id", "prompt_id", "actor_id", "policy_version"):
+        v = h[key]
+        if type(v) is not int or not (_INT_LO if key == "lease_id" else 0) <= v <= _INT_HI:
+            return False
+    for name, _ in _ARRAYS:
+        desc = h[name]
+        if type(desc) is not dict or desc.keys() != _ARRAY.keys() or not _str_ok(desc["dtype"]) \
+                or not _ints_ok(desc["shape"], 0):
+            return False
+    finish, rewards, correct = h["finish_reasons"], h["rewards"], h["correct"]
+    return (_str_ok(h["ground_truth"]) and _str_ok(h["data_source"]) and _ints_ok(h["offsets"], 0)
+            and type(finish) is list and len(finish) <= MAX_LIST and set(map(type, finish)) <= _STR_TYPES
+            and set(finish) <= _FINISH
+            and type(rewards) is list and len(rewards) <= MAX_LIST and set(map(type, rewards)) <= _NUMBER_TYPES
+            and all(map(math.isfinite, rewards))
+            and type(correct) is list and len(correct) <= MAX_LIST and set(map(type, correct)) <= _BOOL_TYPES
+            and _number_ok(h["gen_started_at"]) and _number_ok(h["gen_seconds"], 0.0)
+            and _number_ok(h["reward_seconds"], 0.0))
+
+
 def _counts(v: Any, name: str) -> dict[str, int]:
     if type(v) is not dict:
         raise WireError("wrong_type", f"{name} must be a map")
@@ -301,26 +352,28 @@ def _unpack(buf: Buffer) -> Any:
         raise WireError("malformed", f"not msgpack: {type(e).__name__}") from None
 
 
-def _array(frame: Buffer, desc: dict[str, Any], dtype: np.dtype, name: str) -> np.ndarray:
+def _array(frame: Buffer, nbytes: int, desc: dict[str, Any], dtype: np.dtype, name: str) -> np.ndarray:
     if desc["dtype"] != dtype.str or len(desc["shape"]) != 1:
         raise WireError("wrong_type", f"{name} must be 1-d {dtype.str}, got {desc['dtype']} {desc['shape']}")
-    if memoryview(frame).nbytes != desc["shape"][0] * dtype.itemsize:
-        raise WireError("length_mismatch", f"{name}: frame of {memoryview(frame).nbytes} bytes for {desc['shape']}")
+    if nbytes != desc["shape"][0] * dtype.itemsize:
+        raise WireError("length_mismatch", f"{name}: frame of {nbytes} bytes for {desc['shape']}")
     return np.frombuffer(frame, dtype=dtype)
 
 
-def _check_values(arrays: dict[str, np.ndarray], policy_version: int, where: str) -> None:
+def _check_values(prompt_token_ids: np.ndarray, token_ids: np.ndarray, behavior_logprobs: np.ndarray,
+                  token_versions: np.ndarray, policy_version: int, where: str) -> None:
     """The scans over a group's arrays: finite log-probs, token ids >= 0, token versions >= policy_version."""
-    if not np.isfinite(arrays["behavior_logprobs"]).all():
+    if not np.isfinite(behavior_logprobs).all():
         raise WireError("non_finite", f"{where}.behavior_logprobs")
-    if arrays["token_ids"].size and (arrays["token_ids"].min() < 0 or arrays["token_versions"].min() < policy_version):
+    if token_ids.size and (token_ids.min() < 0 or token_versions.min() < policy_version):
         raise WireError("bad_value", f"{where}: negative token id or token version older than policy_version")
-    if arrays["prompt_token_ids"].size and arrays["prompt_token_ids"].min() < 0:
+    if prompt_token_ids.size and prompt_token_ids.min() < 0:
         raise WireError("bad_value", f"{where}.prompt_token_ids negative")
 
 
-def _decode_group(header: Any, frames: Sequence[Buffer], where: str, *, trusted: bool = False) -> RolloutGroup:
-    """Validate one group header against its four frames; arrays are views of the frames.
+def _decode_group(header: Any, frames: Sequence[Buffer], sizes: Sequence[int], where: str, *,
+                  trusted: bool = False) -> RolloutGroup:
+    """Validate one group header against its four frames (of `sizes` bytes); arrays are views of the frames.
 
     `trusted`: the sender validated the group (the queue's batches); only the structure (fields
     present, array sizes, offsets) is checked, not each field's type nor the arrays' values.
@@ -329,30 +382,33 @@ def _decode_group(header: Any, frames: Sequence[Buffer], where: str, *, trusted:
         if type(header) is not dict or header.keys() != _GROUP.keys():
             raise WireError("malformed", f"{where}: not a group header")
         h = header
+    elif _group_header_ok(header):
+        h = header
     else:
         h = _fields(header, _GROUP, where)
-    arrays = {name: _array(frames[i], h[name], dtype, f"{where}.{name}") for i, (name, dtype) in enumerate(_ARRAYS)}
-    offsets = np.asarray(h["offsets"], dtype=np.int64)
+    arrays = [_array(frames[i], sizes[i], h[name], dtype, f"{where}.{name}") for i, (name, dtype) in enumerate(_ARRAYS)]
+    prompt_token_ids, token_ids, behavior_logprobs, token_versions = arrays
+    offsets = h["offsets"]
     num_responses = len(offsets) - 1
     if num_responses < 1:
         raise WireError("length_mismatch", f"{where}: no responses")
     if not len(h["finish_reasons"]) == len(h["rewards"]) == len(h["correct"]) == num_responses:
         raise WireError("length_mismatch", f"{where}: {num_responses} responses but per-response lists disagree")
-    num_tokens = arrays["token_ids"].size
-    if arrays["behavior_logprobs"].size != num_tokens or arrays["token_versions"].size != num_tokens:
+    num_tokens = token_ids.size
+    if behavior_logprobs.size != num_tokens or token_versions.size != num_tokens:
         raise WireError("length_mismatch", f"{where}: tokens, log-probs and versions differ in length")
-    if offsets[0] != 0 or offsets[-1] != num_tokens or np.any(np.diff(offsets) < 0):
+    if offsets[0] != 0 or offsets[-1] != num_tokens or not all(map(operator.le, offsets, offsets[1:])):
         raise WireError("length_mismatch", f"{where}: offsets do not partition {num_tokens} tokens")
     if not trusted:
-        _check_values(arrays, h["policy_version"], where)
+        _check_values(prompt_token_ids, token_ids, behavior_logprobs, token_versions, h["policy_version"], where)
     return RolloutGroup(
-        lease_id=h["lease_id"], prompt_id=h["prompt_id"], prompt_token_ids=arrays["prompt_token_ids"],
+        lease_id=h["lease_id"], prompt_id=h["prompt_id"], prompt_token_ids=prompt_token_ids,
         ground_truth=h["ground_truth"], data_source=h["data_source"], actor_id=h["actor_id"],
-        policy_version=h["policy_version"], token_ids=arrays["token_ids"],
-        behavior_logprobs=arrays["behavior_logprobs"], token_versions=arrays["token_versions"], offsets=offsets,
-        finish_reasons=h["finish_reasons"], rewards=np.asarray(h["rewards"], np.float32),
-        correct=np.asarray(h["correct"], bool), gen_started_at=h["gen_started_at"], gen_seconds=h["gen_seconds"],
-        reward_seconds=h["reward_seconds"],
+        policy_version=h["policy_version"], token_ids=token_ids, behavior_logprobs=behavior_logprobs,
+        token_versions=token_versions, offsets=np.array(offsets, np.int64), finish_reasons=h["finish_reasons"],
+        rewards=np.array(h["rewards"], np.float32), correct=np.array(h["correct"], bool),
+        gen_started_at=float(h["gen_started_at"]), gen_seconds=float(h["gen_seconds"]),
+        reward_seconds=float(h["reward_seconds"]),
     )
 
 
@@ -364,9 +420,10 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = K
     `trusted_groups`: its groups were validated by the sender (a batch from the queue, which
     validated each on submit): check their structure only (see `_decode_group`).
     """
-    if not frames or memoryview(frames[0]).nbytes == 0:
+    sizes = [memoryview(f).nbytes for f in frames]
+    if not sizes or sizes[0] == 0:
         raise WireError("empty")
-    total = sum(memoryview(f).nbytes for f in frames)
+    total = sum(sizes)
     if total > max_bytes:
         raise WireError("too_large", f"{total} bytes > {max_bytes}")
     header = _unpack(frames[0])
@@ -384,10 +441,11 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = K
         raise WireError("length_mismatch", f"{len(frames)} frames for {len(headers)} groups")
     limit = max_bytes if max_group_bytes is None else max_group_bytes
     for i, gh in enumerate(headers):
-        gframes = list(frames[1 + FRAMES_PER_GROUP * i: 1 + FRAMES_PER_GROUP * (i + 1)])
-        if sum(memoryview(f).nbytes for f in gframes) > limit:
+        lo, hi = 1 + FRAMES_PER_GROUP * i, 1 + FRAMES_PER_GROUP * (i + 1)
+        gframes, gsizes = list(frames[lo:hi]), sizes[lo:hi]
+        if sum(gsizes) > limit:
             raise WireError("too_large", f"group {i} over {limit} bytes")
-        msg.groups.append(_decode_group(gh, gframes, f"{kind}.groups[{i}]", trusted=trusted_groups))
+        msg.groups.append(_decode_group(gh, gframes, gsizes, f"{kind}.groups[{i}]", trusted=trusted_groups))
         msg.encoded_groups.append((gh, gframes))
     return msg
 

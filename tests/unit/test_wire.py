@@ -255,3 +255,39 @@ def test_hmac_authenticates_content_and_frame_boundaries() -> None:
     assert not wire.verify(key, [b"abd", b"def"], tag)
     assert not wire.verify(key, [b"abcd", b"ef"], tag)  # same bytes, different framing
     assert not wire.verify(b"x" * 32, frames, tag)
+
+
+_ODD_VALUES: list[Any] = [None, True, False, 0, -1, 1 << 63, -(1 << 63) - 1, 1.5, -0.0, math.nan, math.inf, -math.inf,
+                          "", "stop", "x" * 3, [], [0], [1, 2], [True], ["stop"], [1.0, -1.0], [math.nan], {},
+                          {"dtype": "<i4", "shape": [3]}, {"dtype": "<i4"}, b"raw"]
+
+
+def _fields_accept(header: Any) -> bool:
+    try:
+        wire._fields(header, wire._GROUP, "g")
+    except WireError:
+        return False
+    return True
+
+
+def test_the_quick_group_header_check_agrees_with_the_field_checks() -> None:
+    """`_group_header_ok` (the fast path of a valid header) never accepts what the per-field checks refuse."""
+    header = msgpack.unpackb(_submit()[0])["groups"][0]
+    assert wire._group_header_ok(header) and _fields_accept(header)
+    rng = random.Random(0)
+    paths = [(k,) for k in header] + [(k, sub) for k, v in header.items() if isinstance(v, dict) for sub in v]
+    for _ in range(4000):
+        mutated = msgpack.unpackb(msgpack.packb(header))
+        for _ in range(rng.randrange(1, 3)):
+            *parents, last = rng.choice(paths)
+            target = mutated
+            for p in parents:
+                target = target[p] if isinstance(target.get(p), dict) else {}
+            action = rng.random()
+            if action < 0.1:
+                target.pop(last, None)
+            elif action < 0.2 and isinstance(target.get(last), list) and target[last]:
+                target[last][rng.randrange(len(target[last]))] = rng.choice(_ODD_VALUES)
+            else:
+                target[last] = rng.choice(_ODD_VALUES)
+        assert wire._group_header_ok(mutated) <= _fields_accept(mutated), mutated
