@@ -162,7 +162,7 @@ class QueueService:
             else:  # also while stopping: work already admitted is still taken, only new leases end
                 status = self.state.submit(
                     lease_id=group.lease_id, prompt_id=group.prompt_id, actor_id=actor_id, incarnation=incarnation,
-                    policy_version=group.policy_version, correct=group.correct.tolist(),
+                    policy_version=group.policy_version, correct=encoded[0]["correct"],
                     nbytes=group_nbytes(encoded), payload=encoded, now=now)
             if status.startswith("rejected:"):
                 self._log_reject(status.split(":", 1)[1], f"group for lease {group.lease_id}", request.client)

@@ -47,6 +47,7 @@ and nothing else. The source's `state_dict()` must be small (it is copied at eve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import heapq
 import os
 from collections import OrderedDict
@@ -371,7 +372,7 @@ class QueueState:
 
     def snapshot(self, now: float) -> QueueStats:
         """A copy of the counters with the gauges filled in and the cursor attached."""
-        stats = copy.deepcopy(self.stats)
+        stats = dataclasses.replace(self.stats, rejected=dict(self.stats.rejected))  # the rest is ints (cursor below)
         stats.in_flight, stats.queued = len(self._leases), len(self._queue)
         stats.num_actors = sum(now - a.last_seen < self.lease_timeout_s for a in self._actors.values())
         stats.cursor = self.cursor_state()

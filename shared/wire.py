@@ -39,7 +39,7 @@ import hmac
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -286,14 +286,19 @@ def _lease_from_wire(d: dict[str, Any]) -> Lease:
 
 def lease_to_wire(lease: Lease) -> dict[str, Any]:
     """A lease as a msgpack-ready map."""
-    d = asdict(lease)
-    d["messages"] = None if lease.messages is None else [list(p) for p in lease.messages]
-    return d
+    return {"lease_id": lease.lease_id, "prompt_id": lease.prompt_id, "prompt": lease.prompt,
+            "ground_truth": lease.ground_truth, "data_source": lease.data_source,
+            "messages": None if lease.messages is None else [list(p) for p in lease.messages],
+            "policy_version": lease.policy_version}
+
+
+_STATS_SCALARS = tuple(f.name for f in fields(QueueStats) if f.name not in ("rejected", "cursor"))
 
 
 def stats_to_wire(stats: QueueStats) -> dict[str, Any]:
     """Queue counters as a msgpack-ready map."""
-    return asdict(stats)
+    return {**{name: getattr(stats, name) for name in _STATS_SCALARS}, "rejected": dict(stats.rejected),
+            "cursor": stats.cursor}
 
 
 # --- encoding ----------------------------------------------------------------------------------------------------
