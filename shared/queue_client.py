@@ -16,10 +16,10 @@ Failure modes.
   resent. For a submit (`submit` or `send`) it becomes each of its groups' status instead
   (`rejected:<reason>`).
 - Pipelined submits (`ActorClient.send`, `shared/submit_pipeline.py`): up to
-  `max_in_flight` submit requests travel at once, so an actor does not wait a round trip per
-  group; groups sent while the window is full go out together. Every group gets its own
-  final status. Closing the client abandons what is still in flight: an actor that wants
-  every status calls `flush` first.
+  `max_in_flight` submit requests (and `max_in_flight_bytes` of groups) travel at once, so an
+  actor does not wait a round trip per group; groups sent while the window is full go out
+  together. Every group gets its own final status. Closing the client abandons what is still
+  in flight: an actor that wants every status calls `flush` first.
 - Broadcasts (version, pause, stop) can be lost; the queue repeats them and every lease
   reply carries the version too.
 """
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import VapoConfig
-from shared.submit_pipeline import SubmitPipeline
+from shared.submit_pipeline import DEFAULT_IN_FLIGHT_BYTES, SubmitPipeline
 from shared.transport import Requester, Subscriber, endpoint, inproc_endpoints, load_secret
 from shared.types import LeaseReply, QueueStats, RolloutGroup
 from shared.wire import Buffer, Message, WireError, decode, encode
@@ -110,13 +110,14 @@ class ActorClient(_Client):
     """An actor's connection: lease prompts, submit groups (pipelined), heartbeat, follow the broadcasts."""
 
     def __init__(self, settings: ClientSettings, actor_id: int, *, incarnation: int | None = None,
-                 max_in_flight: int = 8) -> None:
+                 max_in_flight: int = 8, max_in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES) -> None:
         super().__init__(settings)
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else int.from_bytes(os.urandom(6))
         self._sub = Subscriber(settings.pub_address, secret=settings.secret)
         self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
         self._pipeline = SubmitPipeline(self._rq, self._ids(), max_in_flight=max_in_flight,
+                                        max_in_flight_bytes=max_in_flight_bytes,
                                         max_message_bytes=settings.max_message_bytes,
                                         request_timeout_s=settings.request_timeout_s)
 
@@ -150,10 +151,10 @@ class ActorClient(_Client):
     def send(self, groups: Sequence[RolloutGroup], *, timeout_s: float | None = None) -> int:
         """Submit groups without waiting for the answer; returns a ticket whose statuses `results`/`flush` give.
 
-        While `max_in_flight` submits are unanswered, groups wait in the client and go out
-        together when a reply frees the window; `send` blocks only while half a message's worth
-        waits. A `busy` group is resent after the queue's hint until `timeout_s` (None: no
-        limit), then its final status is `busy`. See `shared/submit_pipeline.py`.
+        While `max_in_flight` submits (or `max_in_flight_bytes` of groups) are unanswered, groups
+        wait in the client and go out together when a reply frees the window; `send` blocks only
+        while half a message's worth waits. A `busy` group is resent after the queue's hint until
+        `timeout_s` (None: no limit), then its final status is `busy`. See `shared/submit_pipeline.py`.
         """
         return self._pipeline.send(groups, timeout_s=timeout_s)
 

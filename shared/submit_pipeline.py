@@ -5,12 +5,17 @@ request, their statuses, `busy` resends. Imports no zmq (the `Requester` of
 `shared/transport.py` owns the socket and the at-most-once resends); used from one thread.
 
 Design.
-- A window: at most `max_in_flight` submit requests are unanswered at once. `send` returns a
-  ticket at once; the statuses arrive later (`results`, `flush`, `wait`).
+- A window: at most `max_in_flight` submit requests, and (beyond the first) at most
+  `max_in_flight_bytes` of groups, are unanswered at once. `send` returns a ticket at once;
+  the statuses arrive later (`results`, `flush`, `wait`).
 - Coalescing: while the window is full, new groups wait in an outbox; when a reply frees a
   slot, everything waiting goes out in one request (up to `max_message_bytes`). A queue that
   falls behind thus gets fewer, larger messages (one decode and one reply for many groups),
   and nothing changes while it keeps up. `send` blocks only while half a message's worth waits.
+  The byte bound is what coalesces large groups: a few megabytes in flight already keep the
+  connection busy (they fill the socket buffers), so a group sent behind them would only wait
+  in the kernel instead of the outbox, and waiting in the outbox lets it share a request (one
+  envelope, one decode, one reply) with the groups sent after it.
 - Every group gets its own final status: accepted (the queue accounts for it), filtered,
   stale, late, duplicate or rejected:<reason>. The queue refuses a malformed message as a
   whole, so when a message of several groups is refused, each of its groups is resent alone
@@ -43,6 +48,8 @@ from shared.wire import Buffer, EncodedGroup, WireError, decode, encode, encode_
 
 MESSAGE_OVERHEAD = 1024
 """Bytes of a submit's own header and envelope, beyond its groups."""
+DEFAULT_IN_FLIGHT_BYTES = 8 * 2**20
+"""Group bytes in unanswered submits beyond which more groups wait and coalesce (about two socket buffers)."""
 _NO_LIMIT = 1 << 62
 
 _Part = tuple[int, int]
@@ -67,11 +74,14 @@ class SubmitPipeline:
     """Submit requests in flight on one `Requester`, with their tickets, outbox and `busy` resends."""
 
     def __init__(self, rq: Requester, ids: dict[str, Any], *, max_in_flight: int, max_message_bytes: int,
-                 request_timeout_s: float) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+                 request_timeout_s: float, max_in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES) -> None:
+        if max_in_flight < 1 or max_in_flight_bytes < 1:
+            raise ValueError(f"max_in_flight and max_in_flight_bytes must be >= 1, got {max_in_flight}, "
+                             f"{max_in_flight_bytes}")
         self._rq, self._ids = rq, ids
         self.max_in_flight, self.max_message_bytes = max_in_flight, max_message_bytes
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self._in_flight_bytes: dict[int, int] = {}  # request id -> bytes of its groups, while unanswered
         self.request_timeout_s = request_timeout_s
         self._next_ticket = 1
         self._tickets: dict[int, _Ticket] = {}
@@ -139,6 +149,7 @@ class SubmitPipeline:
         for req_id in list(self._requests):
             reply = self._rq.take(req_id)
             if reply is not None:
+                self._in_flight_bytes.pop(req_id, None)
                 self._settle(req_id, self._requests.pop(req_id), reply)
         now = time.monotonic()
         while self._busy and self._busy[0][0] <= now:
@@ -158,6 +169,7 @@ class SubmitPipeline:
             if all(part[0] == ticket for part in self._requests[req_id]):  # else the reply still serves others
                 self._rq.abandon(req_id)
                 del self._requests[req_id]
+                self._in_flight_bytes.pop(req_id, None)
         self._outbox = deque(part for part in self._outbox if part[0] != ticket)
         self._outbox_bytes = sum(self._size(part) for part in self._outbox)
         self._solo = {part for part in self._solo if part[0] != ticket}
@@ -176,7 +188,8 @@ class SubmitPipeline:
 
     def _dispatch(self) -> None:
         """Send the waiting groups while the window has room, as many per request as the size limit allows."""
-        while self._outbox and self._rq.in_flight < self.max_in_flight:
+        while self._outbox and self._rq.in_flight < self.max_in_flight and (
+                not self._in_flight_bytes or sum(self._in_flight_bytes.values()) < self.max_in_flight_bytes):
             parts = [self._outbox.popleft()]
             nbytes = self._size(parts[0])
             if parts[0] in self._solo:
@@ -191,6 +204,7 @@ class SubmitPipeline:
             self._outbox_bytes -= nbytes
             req_id = self._rq.send(encode("submit", self._ids, [self._tickets[t].encoded[i] for t, i in parts]))
             self._requests[req_id] = parts
+            self._in_flight_bytes[req_id] = nbytes
             for t, _ in parts:
                 self._tickets[t].request_ids.add(req_id)
 

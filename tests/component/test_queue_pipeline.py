@@ -9,6 +9,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 from test_queue_support import ListSource, make_cfg, queue_thread, start_service_process, synthetic_group
 
@@ -146,12 +147,16 @@ def test_replies_below_the_ack_floor_are_released_and_their_resends_dropped() ->
         learner.close()
 
 
-def test_groups_sent_while_the_window_is_full_travel_together_and_a_refusal_is_sorted_out_per_group() -> None:
+@pytest.mark.parametrize("window", [{"max_in_flight": 1}, {"max_in_flight": 8, "max_in_flight_bytes": 1}],
+                         ids=["one_request", "one_byte"])
+def test_groups_sent_while_the_window_is_full_travel_together_and_a_refusal_is_sorted_out_per_group(
+        window: dict[str, int]) -> None:
+    """The window is full at `max_in_flight` requests, or at `max_in_flight_bytes` once one request is in flight."""
     cfg = make_cfg(max_staleness=100, prompts_per_step=8)
     settings = ClientSettings.from_config(cfg)
     proc, _ = start_service_process(cfg)
     try:
-        actor, learner = ActorClient(settings, actor_id=1, max_in_flight=1), LearnerClient(settings)
+        actor, learner = ActorClient(settings, actor_id=1, **window), LearnerClient(settings)
         leases = actor.lease(3, 0).leases
         os.kill(proc.pid, signal.SIGSTOP)  # the queue answers nothing until SIGCONT
         first = actor.send([_group(leases[0])])  # the one request in flight
