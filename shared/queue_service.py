@@ -125,7 +125,7 @@ class QueueService:
 
     def _handle(self, request: Request, now: float) -> None:
         try:
-            msg = decode(request.frames, max_bytes=self.cfg.max_message_bytes, kinds=REQUEST_KINDS)
+            msg = decode(request.frames, max_bytes=self.cfg.max_message_bytes, kinds=REQUEST_KINDS, build_groups=False)
         except WireError as e:
             self._count_reject(e.reason, str(e), request.client)
             self._reply(request, "error", {"reason": e.reason})
@@ -156,16 +156,17 @@ class QueueService:
     def _submit(self, request: Request, msg: Any, now: float) -> None:
         actor_id, incarnation = msg.body["actor_id"], msg.body["incarnation"]
         statuses = []
-        for group, encoded in zip(msg.groups, msg.encoded_groups, strict=True):
-            if group.actor_id != actor_id:
+        for encoded in msg.encoded_groups:  # validated headers (decode's build_groups=False: no RolloutGroup)
+            group = encoded[0]
+            if group["actor_id"] != actor_id:
                 status = self.state.reject("wrong_actor")
             else:  # also while stopping: work already admitted is still taken, only new leases end
                 status = self.state.submit(
-                    lease_id=group.lease_id, prompt_id=group.prompt_id, actor_id=actor_id, incarnation=incarnation,
-                    policy_version=group.policy_version, correct=encoded[0]["correct"],
+                    lease_id=group["lease_id"], prompt_id=group["prompt_id"], actor_id=actor_id,
+                    incarnation=incarnation, policy_version=group["policy_version"], correct=group["correct"],
                     nbytes=group_nbytes(encoded), payload=encoded, now=now)
             if status.startswith("rejected:"):
-                self._log_reject(status.split(":", 1)[1], f"group for lease {group.lease_id}", request.client)
+                self._log_reject(status.split(":", 1)[1], f"group for lease {group['lease_id']}", request.client)
             statuses.append(status)
         busy = any(s == "busy" for s in statuses)
         self._reply(request, "submitted", {"statuses": statuses, "retry_after_s": self.cfg.retry_after_s * busy})

@@ -249,7 +249,7 @@ def _plain_map(v: Any, name: str) -> dict[str, Any]:
 _STATS: dict[str, Check] = {
     f.name: _int() for f in fields(QueueStats) if f.name not in ("rejected", "cursor")
 } | {"rejected": _counts, "cursor": _plain_map}
-_groups_of = _list(lambda v, n: v)  # group headers are checked with their frames, in _decode_group
+_groups_of = _list(lambda v, n: v)  # group headers are checked with their frames, in _validate_group
 
 _BODIES: dict[str, dict[str, Check]] = {
     # requests (actor or learner -> queue)
@@ -376,9 +376,9 @@ def _check_values(prompt_token_ids: np.ndarray, token_ids: np.ndarray, behavior_
         raise WireError("bad_value", f"{where}.prompt_token_ids negative")
 
 
-def _decode_group(header: Any, frames: Sequence[Buffer], sizes: Sequence[int], where: str, *,
-                  trusted: bool = False) -> RolloutGroup:
-    """Validate one group header against its four frames (of `sizes` bytes); arrays are views of the frames.
+def _validate_group(header: Any, frames: Sequence[Buffer], sizes: Sequence[int], where: str, *,
+                    trusted: bool = False) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Validate one group header against its four frames (of `sizes` bytes); its fields and arrays (views).
 
     `trusted`: the sender validated the group (the queue's batches); only the structure (fields
     present, array sizes, offsets) is checked, not each field's type nor the arrays' values.
@@ -406,11 +406,16 @@ def _decode_group(header: Any, frames: Sequence[Buffer], sizes: Sequence[int], w
         raise WireError("length_mismatch", f"{where}: offsets do not partition {num_tokens} tokens")
     if not trusted:
         _check_values(prompt_token_ids, token_ids, behavior_logprobs, token_versions, h["policy_version"], where)
+    return h, arrays
+
+
+def _group_of(h: dict[str, Any], arrays: list[np.ndarray]) -> RolloutGroup:
+    prompt_token_ids, token_ids, behavior_logprobs, token_versions = arrays
     return RolloutGroup(
         lease_id=h["lease_id"], prompt_id=h["prompt_id"], prompt_token_ids=prompt_token_ids,
         ground_truth=h["ground_truth"], data_source=h["data_source"], actor_id=h["actor_id"],
         policy_version=h["policy_version"], token_ids=token_ids, behavior_logprobs=behavior_logprobs,
-        token_versions=token_versions, offsets=np.array(offsets, np.int64), finish_reasons=h["finish_reasons"],
+        token_versions=token_versions, offsets=np.array(h["offsets"], np.int64), finish_reasons=h["finish_reasons"],
         rewards=np.array(h["rewards"], np.float32), correct=np.array(h["correct"], bool),
         gen_started_at=float(h["gen_started_at"]), gen_seconds=float(h["gen_seconds"]),
         reward_seconds=float(h["reward_seconds"]),
@@ -418,12 +423,14 @@ def _decode_group(header: Any, frames: Sequence[Buffer], sizes: Sequence[int], w
 
 
 def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = KINDS,
-           max_group_bytes: int | None = None, trusted_groups: bool = False) -> Message:
+           max_group_bytes: int | None = None, trusted_groups: bool = False, build_groups: bool = True) -> Message:
     """Validate and decode one message; raises WireError(reason) for anything off.
 
     `max_bytes` bounds the whole message, `max_group_bytes` (default: max_bytes) each group in it.
     `trusted_groups`: its groups were validated by the sender (a batch from the queue, which
-    validated each on submit): check their structure only (see `_decode_group`).
+    validated each on submit): check their structure only (see `_validate_group`).
+    `build_groups=False`: validate the groups but keep them only as `encoded_groups` (the queue,
+    which forwards them as received, needs no `RolloutGroup`; its header has every field).
     """
     sizes = [memoryview(f).nbytes for f in frames]
     if not sizes or sizes[0] == 0:
@@ -450,7 +457,9 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = K
         gframes, gsizes = list(frames[lo:hi]), sizes[lo:hi]
         if sum(gsizes) > limit:
             raise WireError("too_large", f"group {i} over {limit} bytes")
-        msg.groups.append(_decode_group(gh, gframes, gsizes, f"{kind}.groups[{i}]", trusted=trusted_groups))
+        h, arrays = _validate_group(gh, gframes, gsizes, f"{kind}.groups[{i}]", trusted=trusted_groups)
+        if build_groups:
+            msg.groups.append(_group_of(h, arrays))
         msg.encoded_groups.append((gh, gframes))
     return msg
 

@@ -291,3 +291,17 @@ def test_the_quick_group_header_check_agrees_with_the_field_checks() -> None:
             else:
                 target[last] = rng.choice(_ODD_VALUES)
         assert wire._group_header_ok(mutated) <= _fields_accept(mutated), mutated
+
+
+def test_validating_without_building_groups_checks_the_same_and_keeps_the_received_frames() -> None:
+    """The queue decodes submits with build_groups=False: the same checks, no RolloutGroup, the frames to forward."""
+    frames = [bytes(f) for f in _submit()]
+    msg = decode(frames, max_bytes=LIMIT, build_groups=False)
+    assert msg.groups == [] and len(msg.encoded_groups) == 1
+    header, group_frames = msg.encoded_groups[0]
+    assert header == msgpack.unpackb(frames[0])["groups"][0]
+    assert all(a is b for a, b in zip(group_frames, frames[1:], strict=True))
+    bad = _group().behavior_logprobs.copy()
+    bad[0] = np.inf
+    assert _reason(_with_frame(3, bad), build_groups=False) == "non_finite"
+    assert _reason(_mutate(_submit(), _set_group("policy_version", 4)), build_groups=False) == "bad_value"
