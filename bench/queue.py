@@ -1,8 +1,10 @@
 """Replay-queue throughput against a bare ZeroMQ PUSH/PULL pair, measured side by side in one run.
 
 Queue path: actor processes lease prompts and submit real `RolloutGroup` messages to the
-real service, one group per `send` (pipelined: up to 8 submits in flight per actor, leases
-on a connection of their own, as the real actor has); this process is the learner, taking
+real service, one group per `send` (pipelined: up to 8 submits and, beyond the first, 8 MiB
+of groups in flight per actor; groups sent while that window is full travel together, so
+large groups reach the queue several per message; leases on a connection of their own, as
+the real actor has); this process is the learner, taking
 batches of 16 and publishing a new version after each. The service runs in a thread of the
 learner (`QueueThread`, inproc to the learner: how the launcher runs it by default,
 `queue.embedded=true`) and, second, in its own process (`queue.embedded=false`, and `vapo
