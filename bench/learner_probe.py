@@ -131,10 +131,11 @@ def main() -> None:
             score, correct = response_reward(text, len(ids), problem.ground_truth, cfg.reward)
             rollouts.append(Rollout(prompt, ids, logprobs, score, correct, j // group, learner.step))
         m = learner.train_step(rollouts)
+        nan = float("nan")
         print(f"step {step}: rollout acc {np.mean([r.correct for r in rollouts]):.3f} "
               f"len {np.mean([len(r.response_ids) for r in rollouts]):.0f} "
-              f"approx_kl {m.get('policy/approx_kl', float('nan')):.4f} entropy {m.get('policy/entropy', float('nan')):.3f} "
-              f"explained_var {m.get('value/explained_var', float('nan')):.2f} [{time.monotonic() - t0:.0f} s]", flush=True)
+              f"approx_kl {m.get('policy/approx_kl', nan):.4f} entropy {m.get('policy/entropy', nan):.3f} "
+              f"explained_var {m.get('value/explained_var', nan):.2f} [{time.monotonic() - t0:.0f} s]", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             print(f"step {step}: held-out {evaluate(learner.policy, tokenizer, held_out, temperature, max_new)}",
                   flush=True)
