@@ -14,6 +14,14 @@ Decisions:
   `old_logprobs` on logits / temperature; with top_p or top_k below their neutral values the
   truncation renormalises the distribution as well, which the learner does not reproduce, so
   RL runs keep top_p = 1 and top_k off (at temperature 1 both modes agree).
+- Output cost: on a small model vLLM's front-end process, not the model, limits tokens/s (it
+  handles every sampled token of every sequence). `generate` therefore asks for flat log-probs
+  (`flat_logprobs`: a few lists per request instead of a dict and a `Logprob` object per token)
+  and, when there are no stop strings, `detokenize=False`: no incremental detokenization and no
+  decoding of each log-prob's token; the actor decodes each response once when it ends
+  (`skip_special_tokens`, as vLLM's detokenizer). Stop strings need vLLM's detokenizer, so a
+  call with `stop` keeps it. On the tiny model at 256 sequences a decode step went from ~62-69
+  to ~39-49 ms (2 cores, load ~4.5).
 - `score` uses prompt log-probs (`prompt_logprobs=0`), which vLLM computes at temperature 1
   whatever the mode; it is the parity probe against a transformers forward pass.
 - After every weight update the prefix cache is reset: cached KV blocks were computed with
@@ -62,6 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
+from vllm.logprobs import FlatLogprobs
 
 RECEIVER_CLS = "actors.weight_receiver.WeightReceiver"
 
@@ -101,6 +110,7 @@ class Engine:
         """Seconds the engine core spent paused for updates in the middle of rounds, in total."""
         self._in_round = False  # a stepped round is running: updates pause the core and defer the cache reset
         self._stale_prefix_cache = False
+        self._tokenizer = None  # vLLM's, fetched on first use
         self.llm = LLM(
             model=str(model_path),
             seed=seed,
@@ -145,15 +155,24 @@ class Engine:
             raise ValueError("generate with between_steps needs the version of the weights the round starts with")
         self._reset_stale_prefix_cache()
         params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0,
+            flat_logprobs=True, detokenize=bool(stop),  # see the module docstring: output cost
         )
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         if between_steps is None:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            return [[_to_sample(c) for c in out.outputs] for out in outputs]
-        assert version is not None
-        stepped = self._generate_stepped(prompts, params, version, between_steps)
-        return [[_to_sample(c, with_versions=True) for c in out.outputs] for out in stepped]
+        else:
+            assert version is not None
+            outputs = self._generate_stepped(prompts, params, version, between_steps)
+        decode = None if params.detokenize else self._decode
+        with_versions = between_steps is not None
+        return [[_to_sample(c, decode, with_versions=with_versions) for c in out.outputs] for out in outputs]
+
+    def _decode(self, token_ids: np.ndarray) -> str:
+        """A response's text, as vLLM's detokenizer gives it (special tokens skipped)."""
+        if self._tokenizer is None:
+            self._tokenizer = self.llm.get_tokenizer()
+        return self._tokenizer.decode(token_ids.tolist(), skip_special_tokens=True)
 
     def _generate_stepped(self, prompts: list[TokensPrompt], params: SamplingParams, version: int,
                           between_steps: Callable[[], bool]) -> list:  # list[vllm.RequestOutput]
@@ -260,13 +279,24 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()  # LLM has no public shutdown in this vLLM
 
 
-def _to_sample(completion, *, with_versions: bool = False) -> Sample:  # vllm.outputs.CompletionOutput
+def _to_sample(completion, decode: Callable[[np.ndarray], str] | None = None, *,
+               with_versions: bool = False) -> Sample:  # completion: vllm.outputs.CompletionOutput
+    """A Sample from vLLM's output; `decode` gives the text when vLLM did not detokenize."""
     token_ids = np.asarray(completion.token_ids, dtype=np.int32)
-    entries = completion.logprobs
-    assert entries is not None and len(entries) == len(token_ids)
-    logprobs = np.array([e[int(t)].logprob for e, t in zip(entries, token_ids, strict=True)], dtype=np.float32)
+    logprobs = _sampled_logprobs(completion.logprobs, token_ids)
     versions = _token_versions(completion.weight_versions, len(token_ids)) if with_versions else None
-    return Sample(token_ids, logprobs, completion.finish_reason, completion.text, versions)
+    text = completion.text if decode is None else decode(token_ids)
+    return Sample(token_ids, logprobs, completion.finish_reason, text, versions)
+
+
+def _sampled_logprobs(entries, token_ids: np.ndarray) -> np.ndarray:  # entries: vllm.logprobs.FlatLogprobs
+    """[T] float32: the sampled token's log-prob at each position (`logprobs=0`: one entry per position)."""
+    if isinstance(entries, FlatLogprobs):
+        assert len(entries) == len(token_ids) and len(entries.logprobs) == len(token_ids), "one entry per token"
+        assert np.array_equal(np.asarray(entries.token_ids, dtype=np.int32), token_ids), "entries of other tokens"
+        return np.asarray(entries.logprobs, dtype=np.float32)
+    assert entries is not None and len(entries) == len(token_ids)
+    return np.array([e[int(t)].logprob for e, t in zip(entries, token_ids, strict=True)], dtype=np.float32)
 
 
 def _token_versions(spans, num_tokens: int) -> np.ndarray:  # list[vllm.outputs.WeightVersionSpan] | None

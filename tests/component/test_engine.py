@@ -67,6 +67,19 @@ def test_seeded_generation_repeats_and_stop_strings_end_samples(random_engine) -
     assert all(len(s.token_ids) == len(s.logprobs) for s in samples)
 
 
+def test_text_decoded_after_generation_equals_vllms_detokenizer(random_engine) -> None:
+    # Without stop strings the engine skips vLLM's detokenizer and decodes each response once; a stop
+    # string that cannot occur keeps vLLM's detokenizer on the same seeded samples: the texts must agree.
+    engine = random_engine.engine
+    decoded = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=32, seed=5)
+    detokenized = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=32, stop=["\x00never\x00"], seed=5)
+    pairs = [(a, b) for ga, gb in zip(decoded, detokenized, strict=True) for a, b in zip(ga, gb, strict=True)]
+    assert all(a.token_ids.tolist() == b.token_ids.tolist() for a, b in pairs)
+    assert all(np.array_equal(a.logprobs, b.logprobs) for a, b in pairs)
+    assert [a.text for a, _ in pairs] == [b.text for _, b in pairs]
+    assert any(a.text for a, _ in pairs) and any(a.token_ids[-1] == EOS for a, _ in pairs)
+
+
 def test_many_prompts_in_one_call(random_engine) -> None:
     prompts = [[3 + i % 40, 4 + i % 30] for i in range(48)]
     groups = random_engine.engine.generate(prompts, n=2, temperature=1.0, max_tokens=8, seed=0)
