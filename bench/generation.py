@@ -22,6 +22,22 @@ counted). Mean response length, EOS count and the share of correct answers are p
 the same model with the same sampling, they must agree up to noise, which shows that the counts
 compare like with like.
 
+What bounds the ratio on the 2-core machine (measured with the tiny model, G = 16, load 2-4):
+vLLM's cost is per engine step, not per FLOP: its front-end, engine-core and worker processes run
+in lockstep (vLLM turns async scheduling off on CPU; core and worker spin-wait for each other about
+half the time), ~13 ms a step with ~48 sequences, ~20 ms with ~150 and ~42-49 ms with 256, i.e.
+~10 ms + ~0.13 ms per sequence, which caps it near 6-7k tokens/s however large the batch. A lease
+call also ends in a tail: >10% of responses reach max_new_tokens (median ~65 tokens), so ~160 of
+its ~256 steps run with fewer than 64 sequences. transformers is fastest with 1 prompt per call
+(~3,000 tokens/s; 8 prompts: ~1,450, as every row is padded to the longest response). Tried
+without gain: two OpenMP threads for the worker (no reserved core: ~2,100 against ~3,900-4,800
+tokens/s), LD_PRELOAD of libiomp5 and VLLM_CPU_ATTN_SPLIT_KV=0 (within the run-to-run spread of ~20%),
+max_num_seqs 128 for a 256-sequence lease (4,200-4,850 against 3,900-4,150 tokens/s: within the
+spread), the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~640 tokens/s). Flat
+log-probs and no vLLM detokenizer (`actors.engine`) cut a 256-sequence step from ~62-69 to ~39-49
+ms, but a lease call, mostly tail, gains less than the spread. Full runs at load 1.6-3.6: vLLM
+4,000-4,600 tokens/s against transformers' best 3,000-3,250, a ratio of 1.2-1.5.
+
 Weight push: the real path, `learner.weight_sync.WeightSender` (bucketed, header, handshake) over
 a gloo group built by `shared.weight_group`, to two receivers:
 - the tiny model (its perturbed parameters, as the learner pushes `named_parameters()`) into two
