@@ -291,12 +291,10 @@ def _to_sample(completion, decode: Callable[[np.ndarray], str] | None = None, *,
 
 def _sampled_logprobs(entries, token_ids: np.ndarray) -> np.ndarray:  # entries: vllm.logprobs.FlatLogprobs
     """[T] float32: the sampled token's log-prob at each position (`logprobs=0`: one entry per position)."""
-    if isinstance(entries, FlatLogprobs):
-        assert len(entries) == len(token_ids) and len(entries.logprobs) == len(token_ids), "one entry per token"
-        assert np.array_equal(np.asarray(entries.token_ids, dtype=np.int32), token_ids), "entries of other tokens"
-        return np.asarray(entries.logprobs, dtype=np.float32)
-    assert entries is not None and len(entries) == len(token_ids)
-    return np.array([e[int(t)].logprob for e, t in zip(entries, token_ids, strict=True)], dtype=np.float32)
+    assert isinstance(entries, FlatLogprobs), "generate asks for flat_logprobs"
+    assert len(entries) == len(token_ids) and len(entries.logprobs) == len(token_ids), "one entry per token"
+    assert np.array_equal(np.asarray(entries.token_ids, dtype=np.int32), token_ids), "entries of other tokens"
+    return np.asarray(entries.logprobs, dtype=np.float32)
 
 
 def _token_versions(spans, num_tokens: int) -> np.ndarray:  # list[vllm.outputs.WeightVersionSpan] | None
