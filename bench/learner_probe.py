@@ -46,6 +46,7 @@ from shared.tasks import arithmetic
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SAMPLES = 4
 EVAL_CHUNK = 50
+EVAL_SEED = 1234
 
 
 @torch.no_grad()
@@ -78,13 +79,20 @@ def sample(policy, tokenizer, problems, n: int, temperature: float, max_new_toke
 
 
 def evaluate(policy, tokenizer, held_out, temperature: float, max_new_tokens: int) -> str:
-    """Held-out accuracy (k = EVAL_SAMPLES, or greedy at temperature 0), by step count, and mean length."""
+    """Held-out accuracy (k = EVAL_SAMPLES, or greedy at temperature 0), by step count, and mean length.
+
+    Samples under a forked RNG with a fixed seed (common random numbers): the same weights always measure
+    the same, and two evaluations differ less by chance. Unseeded, identical weights measured 0.184 and 0.221.
+    """
     by_steps, lengths = collections.defaultdict(list), []
-    for k in range(0, len(held_out), EVAL_CHUNK):
-        for problem, _, ids, _, text in sample(policy, tokenizer, held_out[k:k + EVAL_CHUNK], EVAL_SAMPLES,
-                                               temperature, max_new_tokens):
-            by_steps[min(problem.num_steps, 5)].append(arithmetic.extract_answer(text) == problem.ground_truth)
-            lengths.append(len(ids))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EVAL_SEED)
+        samples = [s for k in range(0, len(held_out), EVAL_CHUNK)
+                   for s in sample(policy, tokenizer, held_out[k:k + EVAL_CHUNK], EVAL_SAMPLES, temperature,
+                                   max_new_tokens)]
+    for problem, _, ids, _, text in samples:
+        by_steps[min(problem.num_steps, 5)].append(arithmetic.extract_answer(text) == problem.ground_truth)
+        lengths.append(len(ids))
     total = float(np.mean([c for v in by_steps.values() for c in v]))
     parts = " ".join(f"{k}:{np.mean(v):.2f}" for k, v in sorted(by_steps.items()))
     return f"accuracy {total:.3f} by steps [{parts}] length {np.mean(lengths):.0f}"
