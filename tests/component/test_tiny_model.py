@@ -94,7 +94,7 @@ def test_learning_rate_warms_up_then_decays_to_its_floor() -> None:
     assert lrs[100] == pytest.approx(1e-4) and lrs[50] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
 
 
-@pytest.mark.slow  # needs the trained tiny model: a 6-10 minute build on a fresh machine
+@pytest.mark.slow  # needs the trained tiny model: a 20-30 minute build on a fresh machine
 def test_tokenizer_round_trip_and_prompt_format(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -114,7 +114,7 @@ def test_tokenizer_round_trip_and_prompt_format(tiny_model_dir: Path) -> None:
     assert tokenizer.decode([5, 1], skip_special_tokens=True) == tokenizer.decode([5])
 
 
-@pytest.mark.slow  # needs the trained tiny model: a 6-10 minute build on a fresh machine
+@pytest.mark.slow  # needs the trained tiny model: a 20-30 minute build on a fresh machine
 def test_starting_accuracy_is_in_the_band(tiny_model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +132,7 @@ def test_starting_accuracy_is_in_the_band(tiny_model_dir: Path) -> None:
     assert 0.1 <= accuracy <= 0.7, accuracy
 
 
-@pytest.mark.slow  # needs the trained tiny model: a 6-10 minute build on a fresh machine
+@pytest.mark.slow  # needs the trained tiny model: a 20-30 minute build on a fresh machine
 def test_vllm_samples_answers_and_stops_at_eos(tiny_model_dir: Path) -> None:
     vllm = pytest.importorskip("vllm")
     from transformers import AutoTokenizer
