@@ -3,9 +3,11 @@
 A long-tailed mix of response lengths (most short, some 10x longer), as long chain-of-thought
 produces. Both arms run the same VAPO train step on the same random-init Qwen2-style model
 (float32, CPU) over the same rollouts; only the micro-batching differs. Prints each arm's
-padding fraction and train tokens/s, then, last, the ratio.
+padding fraction and train tokens/s, then, last, the ratio. `--budgets` adds token-budget arms
+(tokens/s for each budget, on the same rollouts): on CPU, smaller micro-batches than padding
+alone explains are faster (see configs/tiny_cpu.yaml).
 
-    python3 bench/learner.py [--steps 2] [--responses 128]
+    python3 bench/learner.py [--steps 2] [--responses 128] [--budgets 8192,2048,1024]
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--responses", type=int, default=64)
+    parser.add_argument("--budgets", default="", help="comma-separated micro_batch_tokens to time as well")
     args = parser.parse_args()
     batches = [long_tailed_rollouts(args.responses, seed) for seed in range(args.steps + 1)]
+    for b in (int(x) for x in args.budgets.split(",") if x):
+        run_arm(f"token-budget ({b} tokens)", [f"learner.micro_batch_tokens={b}"], batches)
     budget = run_arm("token-budget (4096 tokens)", ["learner.micro_batch_tokens=4096"], batches)
     padded = run_arm("fixed-count padded (8 rows)", ["learner.micro_batch_rows=8"], batches)
     print(f"token-budget/padded train throughput ratio: {budget / padded:.2f}")

@@ -341,7 +341,7 @@ class Learner:
         if algo.entropy_coef > 0:
             loss = loss - algo.entropy_coef * ent_sum / token_denom
         if self.ref_policy is not None:
-            kl = kl_lib.kl_penalty(logprobs, side("ref_logprobs"), algo.kl_estimator)
+            kl = kl_lib.kl_penalty(logprobs, side("ref_logprobs"), algo.kl_estimator, algo.kl_clamp)
             kl_sum = torch.where(mask > 0, kl, torch.zeros_like(kl)).sum()  # k3 can overflow on padding
             sums["loss/kl"] += (kl_sum / token_denom).detach().double()
             loss = loss + algo.kl_coef * kl_sum / token_denom

@@ -101,6 +101,8 @@ class AlgoConfig:
     """Coefficient of the KL-to-reference loss; 0 disables it (and the reference model)."""
     kl_estimator: str = "k3"
     """KL estimator for the KL loss: k1, k2 or k3."""
+    kl_clamp: float | None = 10.0
+    """Per-token bound of the KL estimate, [-kl_clamp, kl_clamp] (verl's low_var_kl: 10); null leaves it unbounded."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient; 0 disables it."""
     whiten_advantages: bool = False
@@ -134,6 +136,8 @@ class AlgoConfig:
             _positive(self.value_clip, "algo.value_clip")
         _non_negative(self.kl_coef, "algo.kl_coef")
         _choice(self.kl_estimator, "algo.kl_estimator", ("k1", "k2", "k3"))
+        if self.kl_clamp is not None:
+            _positive(self.kl_clamp, "algo.kl_clamp")
         _non_negative(self.entropy_coef, "algo.entropy_coef")
         _require(self.is_cap >= 1.0, "algo.is_cap", f"must be >= 1; got {self.is_cap}")
         _non_negative(self.max_filter_rounds, "algo.max_filter_rounds")

@@ -150,6 +150,21 @@ def test_kl_estimators_values():
         kl_penalty(logprobs, ref, "k4")  # type: ignore[arg-type]
 
 
+def test_kl_clamp_bounds_the_estimate_and_its_gradient():
+    # a rare token the policy pushed 10 nats below the reference: k3 = exp(10) - 11 unclamped
+    logprobs = torch.tensor([[-15.0, -1.0]], dtype=F64, requires_grad=True)
+    ref = torch.tensor([[-5.0, -1.2]], dtype=F64)
+    assert math.isclose(float(kl_penalty(logprobs, ref, "k3")[0, 0]), math.exp(10) - 11, rel_tol=1e-12)
+    clamped = kl_penalty(logprobs, ref, "k3", clamp=10.0)
+    assert float(clamped[0, 0]) == 10.0
+    assert math.isclose(float(clamped[0, 1]), math.exp(-0.2) + 0.2 - 1, rel_tol=1e-12)  # untouched below the bound
+    clamped.sum().backward()
+    assert logprobs.grad is not None and float(logprobs.grad[0, 0]) == 0.0 and float(logprobs.grad[0, 1]) != 0.0
+    assert float(kl_penalty(logprobs.detach(), ref, "k1", clamp=3.0)[0, 0]) == -3.0  # both sides
+    with pytest.raises(ValueError, match="clamp"):
+        kl_penalty(logprobs, ref, "k3", clamp=0.0)
+
+
 def test_k3_is_unbiased_for_kl():
     p = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
     q = torch.tensor([0.2, 0.2, 0.6], dtype=F64)
