@@ -1,6 +1,6 @@
 """Does the tiny run learn? Held-out accuracy before and after a fixed wall-clock budget of VAPO.
 
-    python3 bench/learning.py [--budget-min 10] [--k 8] [--num 200] [--skip-sync] [key=value ...]
+    python3 bench/learning.py [--budget-min 20] [--k 8] [--num 200] [--skip-sync] [key=value ...]
 
 1. Evaluates the warm-start tiny model on the built-in task's held-out problems: average
    accuracy over k samples per problem at the training temperature (`python -m actors.evaluate`,
@@ -86,7 +86,7 @@ def train(mode: str, staleness: int | None, args: argparse.Namespace, work: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-min", type=float, default=10.0, help="training minutes per mode (at most 20)")
+    parser.add_argument("--budget-min", type=float, default=20.0, help="training minutes per mode (at most 20)")
     parser.add_argument("--k", type=int, default=8, help="samples per held-out problem")
     parser.add_argument("--num", type=int, default=200, help="held-out problems")
     parser.add_argument("--skip-sync", action="store_true", help="only the asynchronous run")
