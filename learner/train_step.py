@@ -1,7 +1,7 @@
 """One VAPO rollout step on the learner: proximal pass, advantages, mini-batch updates.
 
 Owns: the `Learner` (policy, value model, optional reference policy, their AdamW optimisers
-and warm-up schedules, the learner process group) and the order of operations of a step:
+and learning-rate schedules, the learner process group) and the order of operations of a step:
 
 1. proximal pass (no grad): `old_logprobs` and `values` of every response with the current
    weights, micro-batched by a token budget;
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,9 +60,20 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
     return t
 
 
-def warmup_constant(warmup_steps: int):
-    """LambdaLR factor: linear warm-up over `warmup_steps` optimiser steps, then constant 1."""
-    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(warmup_steps: int, schedule: str, min_lr_ratio: float, progress: Callable[[], float]):
+    """LambdaLR factor: linear warm-up over `warmup_steps` optimiser steps, times 1 (`constant`, VAPO's)
+    or a cosine from 1 at progress 0 to `min_lr_ratio` at progress 1 (`cosine`). `progress()` is the
+    share of the run's training steps done (read when the factor is computed), so the decay follows
+    rollout steps whatever the number of mini-batches each has."""
+
+    def factor(opt_step: int) -> float:
+        warm = min(1.0, (opt_step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if schedule == "constant":
+            return warm
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress(), 0.0), 1.0)))
+        return warm * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+    return factor
 
 
 class Learner:
@@ -85,14 +96,22 @@ class Learner:
         self.policy_opt = torch.optim.AdamW(
             policy.parameters(), lr=lc.actor_lr, betas=betas, weight_decay=lc.weight_decay
         )
-        self.policy_sched = torch.optim.lr_scheduler.LambdaLR(self.policy_opt, warmup_constant(lc.warmup_steps))
+        self.step = 0
+        pretrain = cfg.algo.value_pretrain_steps
+        self.policy_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.policy_opt,
+            lr_factor(lc.warmup_steps, lc.lr_schedule, lc.min_lr_ratio,
+                      lambda: (self.step - pretrain) / max(lc.total_steps - pretrain, 1)),
+        )
         self.value_opt = self.value_sched = None
         if value_model is not None:
             self.value_opt = torch.optim.AdamW(
                 value_model.parameters(), lr=lc.critic_lr, betas=betas, weight_decay=lc.weight_decay
             )
-            self.value_sched = torch.optim.lr_scheduler.LambdaLR(self.value_opt, warmup_constant(lc.warmup_steps))
-        self.step = 0
+            self.value_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.value_opt,
+                lr_factor(lc.warmup_steps, lc.lr_schedule, lc.min_lr_ratio, lambda: self.step / lc.total_steps),
+            )
         self._rng = np.random.default_rng(cfg.seed)
         self._extremes: dict[str, float] = {}
         # FSDP averages gradients over ranks; the losses are divided by global counts, so undo the mean
@@ -106,6 +125,7 @@ class Learner:
         algo = self.cfg.algo
         value_only = algo.uses_critic and self.step < algo.value_pretrain_steps
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        self._refresh_learning_rates()
         old = self.prepare(rollouts, value_only, sums)
         num_mb = self._num_mini_batches(len(rollouts))
         for _ in range(self.cfg.learner.ppo_epochs):
@@ -115,6 +135,15 @@ class Learner:
         self.step += 1
         self._rollout_sums(rollouts, sums)
         return self._finish_metrics(sums, time.perf_counter() - t0, value_only)
+
+    def _refresh_learning_rates(self) -> None:
+        """Recompute each rate from its schedule at the start of a step: the schedulers last ran after
+        the previous step's last update, when the step counter (the cosine's progress) was one lower."""
+        for sched in (self.policy_sched, self.value_sched):
+            if sched is not None:
+                for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas,
+                                               strict=True):
+                    group["lr"] = base * factor(sched.last_epoch)
 
     def _micro_batches(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
         indices = list(indices)

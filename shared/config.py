@@ -223,7 +223,11 @@ class LearnerConfig:
     critic_lr: float = 2e-6
     """AdamW learning rate of the value model."""
     warmup_steps: int = 10
-    """Linear learning-rate warm-up steps (optimiser steps), then constant."""
+    """Linear learning-rate warm-up steps (optimiser steps), then `lr_schedule`."""
+    lr_schedule: str = "constant"
+    """After warm-up: `constant` (VAPO) or `cosine` decay to `min_lr_ratio` x lr at `total_steps`."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a share of each model's learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay of both models."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -250,6 +254,8 @@ class LearnerConfig:
         _positive(self.actor_lr, "learner.actor_lr")
         _positive(self.critic_lr, "learner.critic_lr")
         _non_negative(self.warmup_steps, "learner.warmup_steps")
+        _choice(self.lr_schedule, "learner.lr_schedule", ("constant", "cosine"))
+        _in_range(self.min_lr_ratio, "learner.min_lr_ratio", 0.0, 1.0)
         _non_negative(self.weight_decay, "learner.weight_decay")
         _require(len(self.adam_betas) == 2, "learner.adam_betas", f"must have two entries; got {self.adam_betas}")
         for beta in self.adam_betas:

@@ -211,3 +211,24 @@ def test_two_fsdp_ranks_equal_one(random_model_dir: Path, tmp_path: Path) -> Non
     assert one["losses"]["loss/nll_pos"] > 0
     for name, g in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cosine_schedule_decays_each_model_over_its_own_training_steps(random_model_dir: Path) -> None:
+    """Policy: from actor_lr at the first policy step (after value pretraining) towards the floor at
+    total_steps; critic: over all steps. Every update of a rollout step uses that step's rate."""
+    cfg = _cfg("learner.lr_schedule=cosine", "learner.min_lr_ratio=0.1", "learner.total_steps=5",
+               "algo.value_pretrain_steps=1", "learner.mini_batch_size=8")
+    learner = _learner(random_model_dir, cfg)
+    used: dict[str, list[float]] = {"policy": [], "value": []}
+    for name, opt in (("policy", learner.policy_opt), ("value", learner.value_opt)):
+        opt.register_step_pre_hook(lambda o, args, kwargs, name=name: used[name].append(o.param_groups[0]["lr"]))
+    for step in range(cfg.learner.total_steps):
+        learner.train_step(_rollouts(seed=step))
+    floor = 0.1 * 1e-3
+
+    def cosine(progress: float) -> float:
+        return floor + (1e-3 - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+    # 16 responses in mini-batches of 8: two updates per step, at the same rate
+    np.testing.assert_allclose(used["policy"], [cosine(k / 4) for k in range(4) for _ in range(2)], rtol=1e-9)
+    np.testing.assert_allclose(used["value"], [cosine(k / 5) for k in range(5) for _ in range(2)], rtol=1e-9)

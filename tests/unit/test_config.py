@@ -111,6 +111,8 @@ def test_wrong_type_names_key_and_source() -> None:
         ("algo.is_cap=0.5", "algo.is_cap"),
         ("rollout.top_p=0", "rollout.top_p"),
         ("learner.mini_batch_size=7", "learner.mini_batch_size"),
+        ("learner.lr_schedule=linear", "learner.lr_schedule"),
+        ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio"),
         ("queue.port=70000", "queue.port"),
         ("actors.gpu_memory_utilization=1.5", "actors.gpu_memory_utilization"),
         ("reward.wrong=2", "reward.correct"),
