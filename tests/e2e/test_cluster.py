@@ -62,6 +62,7 @@ def _run_args(state: Path, model: Path, *extra: str) -> list[str]:
     return [
         str(TINY),
         f"model.path={model}",
+        "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
         "algo.value_pretrain_steps=1",
         "rollout.prompts_per_step=4",
         "learner.mini_batch_size=32",

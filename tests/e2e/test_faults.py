@@ -199,6 +199,7 @@ def test_sigterm_to_the_driver_checkpoints_and_resume_continues(tmp_path: Path, 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     common = [
         f"model.path={model}",
+        "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
         "algo.value_pretrain_steps=1",
         "rollout.prompts_per_step=4",
         "learner.mini_batch_size=32",
