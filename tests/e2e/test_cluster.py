@@ -177,7 +177,7 @@ def test_submit_places_actors_on_the_labelled_node_scales_and_stops(cluster: str
     assert set(status["job"]["actor_nodes"].values()) == {actor_node}  # both on the second node
 
     # The second node's actor_node: 2 is taken: a third actor fails after the placement timeout, in one line.
-    third = _script(state, "scale", "3", timeout=120)  # after the 5 s placement timeout, not the default 60 s
+    third = _script(state, "scale", "3", timeout=120)  # the error names the 5 s it waited (the default is 60 s)
     _one_line_error(third, "actor 2: {'CPU': 1.0, 'actor_node': 1.0} not free after 5 s", "2 actor(s) run")
 
     assert _script(state, "scale", "1").stdout.strip() == "[0]"
