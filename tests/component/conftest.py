@@ -29,6 +29,15 @@ import pytest
 RANDOM_MODEL_CHARS = "\n " + string.digits + "+-*/=().,?" + string.ascii_lowercase
 """Characters of the test tokenizer; with the 3 special tokens the vocabulary has 51 entries."""
 
+SHORT_RUN_ON_A_RANDOM_MODEL = [
+    "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
+    "algo.value_pretrain_steps=1",
+    "rollout.prompts_per_step=4",
+    "learner.mini_batch_size=32",
+    "queue.max_staleness=1",
+]
+"""Overrides of configs/tiny_cpu.yaml that the end-to-end tests on a `build_random_model` model share."""
+
 
 def build_random_model(out_dir: Path, *, tie_word_embeddings: bool, seed: int = 0) -> Path:
     """Write a random-init char-level Qwen2 model (float32) and its tokenizer to `out_dir`."""

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from deploy.cluster import node_processes, stop_nodes
-from tests.component.conftest import build_random_model
+from tests.component.conftest import SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
 from tests.component.test_queue_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,12 +62,8 @@ def _run_args(state: Path, model: Path, *extra: str) -> list[str]:
     return [
         str(TINY),
         f"model.path={model}",
-        "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
-        "algo.value_pretrain_steps=1",
-        "rollout.prompts_per_step=4",
-        "learner.mini_batch_size=32",
+        *SHORT_RUN_ON_A_RANDOM_MODEL,
         "rollout.max_new_tokens=24",
-        "queue.max_staleness=1",
         f"queue.port={free_port()}",
         f"queue.pub_port={free_port()}",
         f"sync.master_port={free_port()}",

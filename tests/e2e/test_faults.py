@@ -34,7 +34,7 @@ import pytest
 
 from learner import checkpoint
 from shared.tracking import metric_history
-from tests.component.conftest import build_random_model
+from tests.component.conftest import SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
 from tests.component.test_queue_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,12 +199,8 @@ def test_sigterm_to_the_driver_checkpoints_and_resume_continues(tmp_path: Path, 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     common = [
         f"model.path={model}",
-        "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
-        "algo.value_pretrain_steps=1",
-        "rollout.prompts_per_step=4",
-        "learner.mini_batch_size=32",
+        *SHORT_RUN_ON_A_RANDOM_MODEL,
         "rollout.max_new_tokens=48",
-        "queue.max_staleness=1",
         "learner.checkpoint_every=0",  # the only checkpoint is the one the stop writes
         f"run_dir={tmp_path / 'run'}",
         f"tracking.tracking_uri={uri}",

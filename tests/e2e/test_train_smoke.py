@@ -21,7 +21,7 @@ import torch
 from deploy.cli import main as vapo
 from shared.plots import OVERVIEW_FILE, PANELS
 from shared.tracking import download_artifact, metric_history, run_artifacts, run_metric_keys
-from tests.component.conftest import build_random_model
+from tests.component.conftest import SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
 from tests.component.test_queue_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,13 +49,9 @@ def test_vapo_train_smoke(tmp_path: Path) -> None:
         "train",
         str(ROOT / "configs" / "tiny_cpu.yaml"),
         f"model.path={model}",
-        "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
+        *SHORT_RUN_ON_A_RANDOM_MODEL,
         "learner.total_steps=3",
-        "algo.value_pretrain_steps=1",
-        "rollout.prompts_per_step=4",
-        "learner.mini_batch_size=32",
         "rollout.max_new_tokens=48",
-        "queue.max_staleness=1",
         f"queue.port={free_port()}",
         f"queue.pub_port={free_port()}",
         f"sync.master_port={free_port()}",
