@@ -41,6 +41,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import multiprocessing as mp  # noqa: E402
+import os  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -48,6 +49,7 @@ from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import zmq  # noqa: E402
 
 from shared.config import LearnerConfig, QueueConfig, RolloutConfig, VapoConfig  # noqa: E402
@@ -142,8 +144,24 @@ def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
     client.close()
 
 
-def run_queue(num_groups: int, tokens: int, num_actors: int, port: int, *, embedded: bool) -> tuple[float, int, int]:
-    """Seconds, bytes and groups for at least `num_groups` groups through the real service.
+@dataclasses.dataclass
+class Run:
+    """One timed window of one path: groups, seconds, bytes, and the CPU seconds of every process involved."""
+
+    groups: int
+    seconds: float
+    nbytes: int
+    cpu_s: float
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (all their threads: zmq's I/O threads included)."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def run_queue(num_groups: int, tokens: int, num_actors: int, port: int, *, embedded: bool,
+              warmup: int = 0) -> Run:
+    """At least `num_groups` groups through the real service, timed after `warmup` more.
 
     `embedded`: the service runs in a thread of this (the learner's) process and the learner
     talks to it over inproc; otherwise it is its own process and the learner uses TCP.
@@ -162,16 +180,20 @@ def run_queue(num_groups: int, tokens: int, num_actors: int, port: int, *, embed
     for p in actors:
         p.start()
     learner = LearnerClient(ClientSettings.from_config(cfg, in_process=embedded))
-    learner.get_batch(PROMPTS_PER_STEP, timeout_s=60)  # warm-up: process start-up is not measured
-    learner.publish_version(1)
-    received, nbytes, version, start = 0, 0, 1, time.perf_counter()
+    version, warm = 0, 0
+    while warm < max(warmup, 1):  # process start-up and the first allocations are not measured
+        warm += len(learner.get_batch(PROMPTS_PER_STEP, timeout_s=60).groups)
+        version += 1
+        learner.publish_version(version)
+    pids = [os.getpid(), *(p.pid for p in actors), *([] if embedded else [service.pid])]
+    received, nbytes, cpu, start = 0, 0, cpu_seconds(pids), time.perf_counter()
     while received < num_groups:
         batch = learner.get_batch(PROMPTS_PER_STEP, timeout_s=60)
         nbytes += sum(g.nbytes for g in batch.groups)
         received += len(batch.groups)
         version += 1
         learner.publish_version(version)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu  # the actors still run: they wait on leases
     learner.stop()  # actors see `stopping` and exit; then the service
     for p in actors:
         p.join(20)
@@ -184,7 +206,7 @@ def run_queue(num_groups: int, tokens: int, num_actors: int, port: int, *, embed
     for p in actors:
         if p.is_alive():
             p.kill()
-    return elapsed, nbytes, received
+    return Run(received, elapsed, nbytes, cpu)
 
 
 def free_port() -> int:
@@ -227,8 +249,8 @@ def forwarder_main(pull_address: str, push_address: str) -> None:
         pass
 
 
-def run_raw(num_groups: int, tokens: int, num_pushers: int, *, forwarded: bool = False) -> tuple[float, int]:
-    """Seconds and bytes for the same frames from `num_pushers` PUSH sockets to one PULL.
+def run_raw(num_groups: int, tokens: int, num_pushers: int, *, forwarded: bool = False, warmup: int = 0) -> Run:
+    """`num_groups` messages of the same frames from `num_pushers` PUSH sockets to one PULL, timed after `warmup` more.
 
     `forwarded`: through a forwarding process in between (a diagnostic, not the baseline: the
     ceiling of any queue that runs as its own process and so adds a second hop).
@@ -241,23 +263,28 @@ def run_raw(num_groups: int, tokens: int, num_pushers: int, *, forwarded: bool =
         target = f"tcp://127.0.0.1:{free_port()}"
         forwarder = SPAWN.Process(target=forwarder_main, args=(target, f"tcp://127.0.0.1:{port}"), daemon=True)
         forwarder.start()
-    shares = [num_groups // num_pushers + (i < num_groups % num_pushers) for i in range(num_pushers)]
-    shares[0] += 1  # the first message starts the clock, as for the queue
+    extra = 8 * num_pushers  # sent after the timed window: the pushers are still alive when it ends, for their CPU
+    total = max(warmup, 1) + num_groups + extra
+    shares = [total // num_pushers + (i < total % num_pushers) for i in range(num_pushers)]
     pushers = [SPAWN.Process(target=pusher_main, args=(target, tokens, n)) for n in shares]
     for p in pushers:
         p.start()
-    sock.recv_multipart(copy=False)
-    start, nbytes = time.perf_counter(), 0
+    for _ in range(max(warmup, 1)):  # as for the queue: start-up and the first allocations are not measured
+        sock.recv_multipart(copy=False)
+    pids = [os.getpid(), *(p.pid for p in pushers), *([] if forwarder is None else [forwarder.pid])]
+    nbytes, cpu, start = 0, cpu_seconds(pids), time.perf_counter()
     for _ in range(num_groups):
         nbytes += sum(f.buffer.nbytes for f in sock.recv_multipart(copy=False)[1:])
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu
+    for _ in range(extra):
+        sock.recv_multipart(copy=False)
     for p in pushers:
         p.join()
     if forwarder is not None:
         forwarder.kill()
         forwarder.join()
     sock.close()
-    return elapsed, nbytes
+    return Run(num_groups, elapsed, nbytes, cpu)
 
 
 def codec_ms(tokens: int, repeats: int = 50) -> float:
@@ -272,35 +299,45 @@ def codec_ms(tokens: int, repeats: int = 50) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _groups_first(measured: tuple[float, int, int]) -> tuple[int, float, int]:
-    seconds, nbytes, groups = measured
-    return groups, seconds, nbytes
+@dataclasses.dataclass
+class Median:
+    """The medians of one path's rounds."""
+
+    groups_per_s: float
+    bytes_per_s: float
+    cpu_ms_per_group: float
+    cores_busy: float
+    """CPU seconds of its processes per second of the window: how many cores the path kept busy."""
 
 
-def measure(tokens: int, count: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """Median (groups/s, bytes/s) of each path over `args.repeats` interleaved rounds."""
+def measure(tokens: int, count: int, warmup: int, args: argparse.Namespace) -> dict[str, Median]:
+    """The medians of each path over `args.repeats` interleaved rounds."""
     paths: dict[str, Any] = {
-        "raw": lambda: (count, *run_raw(count, tokens, args.raw_pushers)),
-        "raw_two_hops": lambda: (count, *run_raw(count, tokens, args.raw_pushers, forwarded=True)),
-        "process": lambda: _groups_first(run_queue(count, tokens, args.actors, free_port(), embedded=False)),
-        "embedded": lambda: _groups_first(run_queue(count, tokens, args.actors, free_port(), embedded=True)),
+        "raw": lambda: run_raw(count, tokens, args.raw_pushers, warmup=warmup),
+        "raw_two_hops": lambda: run_raw(count, tokens, args.raw_pushers, forwarded=True, warmup=warmup),
+        "process": lambda: run_queue(count, tokens, args.actors, free_port(), embedded=False, warmup=warmup),
+        "embedded": lambda: run_queue(count, tokens, args.actors, free_port(), embedded=True, warmup=warmup),
     }
-    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
+    runs: dict[str, list[Run]] = {k: [] for k in paths}
     for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every path alike
         for path, run in paths.items():
-            groups, seconds, nbytes = run()
-            rates[path].append((groups / seconds, nbytes / seconds))
+            runs[path].append(run())
         if args.verbose:
-            print({k: round(v[-1][0]) for k, v in rates.items()}, flush=True)
-    return {k: (statistics.median(g for g, _ in v), statistics.median(b for _, b in v)) for k, v in rates.items()}
+            print({k: round(v[-1].groups / v[-1].seconds) for k, v in runs.items()}, flush=True)
+    med = statistics.median
+    return {k: Median(med(r.groups / r.seconds for r in v), med(r.nbytes / r.seconds for r in v),
+                      med(1e3 * r.cpu_s / r.groups for r in v), med(r.cpu_s / r.seconds for r in v))
+            for k, v in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--raw-pushers", type=int, default=1, help="PUSH processes of the raw baseline")
-    parser.add_argument("--large-groups", type=int, default=400)
-    parser.add_argument("--small-groups", type=int, default=4000, help="0 skips the small groups")
+    parser.add_argument("--large-groups", type=int, default=2000, help="timed large groups per path and round")
+    parser.add_argument("--small-groups", type=int, default=8000, help="timed small groups; 0 skips the small groups")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="groups received before the clock starts, as a share of the timed ones")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--verbose", action="store_true", help="print every measurement")
     args = parser.parse_args()
@@ -309,18 +346,25 @@ def main() -> None:
     ratios: dict[tuple[str, str], float] = {}
     sizes = [s for s in (("small", SMALL, args.small_groups), ("large", LARGE, args.large_groups)) if s[2] > 0]
     actors = f"{args.actors} actor{'s' * (args.actors > 1)}"
-    labels = {"raw_two_hops": "raw zmq PUSH -> forwarding process -> PULL (diagnostic)",
+    labels = {"raw": f"raw zmq PUSH/PULL ({args.raw_pushers} pusher{'s' * (args.raw_pushers > 1)})",
+              "raw_two_hops": "raw zmq PUSH -> forwarding process -> PULL (diagnostic)",
               "process": f"queue (its own process, {actors})", "embedded": f"queue (embedded in the learner, {actors})"}
     for name, tokens, count in sizes:
-        median = measure(tokens, count, args)
+        median = measure(tokens, count, int(args.warmup * count), args)
         head = f"{name} groups ({G} x {tokens} tokens), median of {args.repeats}:"
-        print(f"{head} raw zmq PUSH/PULL ({args.raw_pushers} pusher{'s' * (args.raw_pushers > 1)}) "
-              f"{median['raw'][0]:,.0f} groups/s {median['raw'][1] / 1e6:,.0f} MB/s")
         for path, label in labels.items():
-            ratios[name, path] = median[path][0] / median["raw"][0]
-            print(f"{head} {label} {median[path][0]:,.0f} groups/s {median[path][1] / 1e6:,.0f} MB/s "
-                  f"| ratio {ratios[name, path]:.2f}")
-        print(f"{head} queue (its own process) / raw two hops: {median['process'][0] / median['raw_two_hops'][0]:.2f}")
+            m = median[path]
+            ratio = ""
+            if path != "raw":
+                ratios[name, path] = m.groups_per_s / median["raw"].groups_per_s
+                ratio = f" | ratio {ratios[name, path]:.2f}"
+            print(f"{head} {label} {m.groups_per_s:,.0f} groups/s {m.bytes_per_s / 1e6:,.0f} MB/s, "
+                  f"CPU {m.cpu_ms_per_group:.2f} ms/group on {m.cores_busy:.1f} of {os.cpu_count()} cores{ratio}")
+        print(f"{head} queue (its own process) / raw two hops: "
+              f"{median['process'].groups_per_s / median['raw_two_hops'].groups_per_s:.2f}")
+        print(f"{head} CPU per group, raw / queue embedded: "
+              f"{median['raw'].cpu_ms_per_group / median['embedded'].cpu_ms_per_group:.2f} "
+              "(the ratio's ceiling when both keep every core busy)")
     if ("large", "process") in ratios:
         flag = {"embedded": "queue.embedded=true", "process": "queue.embedded=false"}
         default = "embedded" if QueueConfig().embedded else "process"
