@@ -12,29 +12,34 @@ queue`), the learner on TCP. Raw path: PUSH processes send the very same
 frames (the same bytes: header and array frames) to a PULL socket here, with the same
 high-water marks as a minimal hand-written pipeline would use (8 messages each way).
 
-Steady state: every path and round first moves `--warmup` x the timed count of groups
-untimed (process start-up, socket buffers, the allocator's first requests), then times the
-next `--large-groups` / `--small-groups`; rounds interleave the paths and medians count. The
-CPU of every process of a path (user + system, all threads, zmq's I/O threads included) is
-read at both ends of its window and printed per group, with the cores it kept busy.
+Steady state: every round of every path runs in fresh processes (`isolated`), first moves
+`--warmup` x the timed count of groups untimed (process start-up, socket buffers, the
+allocator's first requests), then times the next `--large-groups` / `--small-groups`; rounds
+interleave the paths and medians count. The CPU of every process of a path (user + system,
+all threads, zmq's I/O threads included) is read at both ends of its window and printed per
+group, with the cores it kept busy.
 
-What the figures say on the 2-core machine (2,000 timed large groups after 1,000, session 11):
+What the figures say on the 2-core machine (session 11):
 - The raw pair alternates between two regimes, about 1,750 groups/s at ~0.9 ms of CPU per
   group and about 1,050 groups/s at ~1.5 ms, and switches between them within one window
   (250-group slices of one run: 990 1,066 ... 912 then 1,417 1,577 ... 1,608); pinning the
   two processes to different cores or glibc's mmap/trim thresholds (MALLOC_MMAP_THRESHOLD_,
-  MALLOC_TRIM_THRESHOLD_) did not remove the slow regime.
-- The embedded queue moves 930-1,060 groups/s at 1.7-1.85 ms of CPU per group in every
-  round. The extra ~0.8 ms is Python and the value scans: in a `perf record -a` of 3,000
-  groups, the queue thread spent ~0.35 ms a group (half of it in the isfinite/min scans,
-  which read all 3 MB of a group just copied in by the I/O thread), the actors' client ~0.3
-  ms (encoding, the pipeline, zero-copy send tracking) and the learner's ~0.15 ms (batch
-  decode). Both paths keep ~1.6-1.8 of the 2 cores busy, so the throughput ratio follows the
-  CPU per group: ~0.55 against the fast raw regime, ~0.9 against the slow one, and the median
-  of a run lands on either (0.68 and 1.23 in two runs of this version).
+  MALLOC_TRIM_THRESHOLD_) did not remove the slow regime. It also depends on the process's
+  history: received in this script's own long-lived process after the small-group rounds,
+  large groups came at ~820/s and ~2 ms of CPU each, hence a fresh process per round.
+- The embedded queue moves 770-1,060 groups/s at 1.7-2.2 ms of CPU per group. The extra
+  ~0.8-1 ms is Python and the value scans: in a `perf record -a` of 3,000 groups, the queue
+  thread spent ~0.35 ms a group (half of it in the isfinite/min scans, which read all 3 MB
+  of a group just copied in by the I/O thread), the actors' client ~0.3 ms (encoding, the
+  pipeline, zero-copy send tracking) and the learner ~0.15 ms (batch decode). Both paths
+  keep ~1.6-1.8 of the 2 cores busy, so the throughput ratio follows the CPU per group:
+  0.54-0.68 in fresh processes (3 runs of this version), up to 1.23 when the raw receiver
+  is in its slow regime.
 - The earlier default of 400 large groups timed from the first one (under half a second)
   caught the raw pair mostly in its slow first phase, which is why its ratio looked like
-  ~0.97: the target of 0.8 is not met in steady state on this machine.
+  ~0.97: the target of 0.8 is not met in steady state on this machine. Reaching it would
+  take the queue's whole per-group work (actor client, validation, accounting, hand-out)
+  within ~0.25 ms of CPU beside the copies; the value scans alone take ~0.17 ms.
 
 A diagnostic, not the baseline: the raw frames through a bare `zmq.proxy` process in
 between (PUSH -> forwarder -> PULL). A queue in its own process moves every byte over the
@@ -45,7 +50,7 @@ Sizes: small groups are 16 responses of 256 tokens, large ones 16 of 16,384 toke
 3 MB: int32 tokens, float32 behavior log-probs, int32 token versions).
 
     python bench/queue.py [--actors 2] [--raw-pushers 1] [--large-groups 2000] [--small-groups 8000]
-                          [--warmup 0.5] [--repeats 5] [--verbose]
+                          [--warmup 1.0] [--repeats 5] [--verbose]
 
 Prints groups/s, MB/s and CPU per group for each path and size, the encode+decode time of a
 large group, and, last, `queue/raw_zmq throughput ratio (large groups): X` for the placement
@@ -334,13 +339,37 @@ class Median:
     """CPU seconds of its processes per second of the window: how many cores the path kept busy."""
 
 
+def _child(conn: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    conn.send(fn(*args, **kwargs))
+    conn.close()
+
+
+def isolated(fn: Any, *args: Any, **kwargs: Any) -> Run:
+    """`fn(*args, **kwargs)` in a fresh process: each round's receiver starts with its own heap and zmq context.
+
+    In one long-lived process the raw receiver's throughput depended on what ran before it
+    (after the small-group rounds it received large groups at ~820/s and ~2 ms of CPU each,
+    against 1,050-1,800/s fresh), while the queue's did not.
+    """
+    parent, child = SPAWN.Pipe(duplex=False)
+    proc = SPAWN.Process(target=_child, args=(child, fn, args, kwargs))
+    proc.start()
+    child.close()
+    try:
+        run: Run = parent.recv()
+    except EOFError:
+        raise RuntimeError(f"{fn.__name__} failed in its process (exit code {proc.join() or proc.exitcode})") from None
+    proc.join()
+    return run
+
+
 def measure(tokens: int, count: int, warmup: int, args: argparse.Namespace) -> dict[str, Median]:
-    """The medians of each path over `args.repeats` interleaved rounds."""
+    """The medians of each path over `args.repeats` interleaved rounds, each round in fresh processes."""
     paths: dict[str, Any] = {
-        "raw": lambda: run_raw(count, tokens, args.raw_pushers, warmup=warmup),
-        "raw_two_hops": lambda: run_raw(count, tokens, args.raw_pushers, forwarded=True, warmup=warmup),
-        "process": lambda: run_queue(count, tokens, args.actors, free_port(), embedded=False, warmup=warmup),
-        "embedded": lambda: run_queue(count, tokens, args.actors, free_port(), embedded=True, warmup=warmup),
+        "raw": lambda: isolated(run_raw, count, tokens, args.raw_pushers, warmup=warmup),
+        "raw_two_hops": lambda: isolated(run_raw, count, tokens, args.raw_pushers, forwarded=True, warmup=warmup),
+        "process": lambda: isolated(run_queue, count, tokens, args.actors, free_port(), embedded=False, warmup=warmup),
+        "embedded": lambda: isolated(run_queue, count, tokens, args.actors, free_port(), embedded=True, warmup=warmup),
     }
     runs: dict[str, list[Run]] = {k: [] for k in paths}
     for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every path alike
@@ -360,7 +389,7 @@ def main() -> None:
     parser.add_argument("--raw-pushers", type=int, default=1, help="PUSH processes of the raw baseline")
     parser.add_argument("--large-groups", type=int, default=2000, help="timed large groups per path and round")
     parser.add_argument("--small-groups", type=int, default=8000, help="timed small groups; 0 skips the small groups")
-    parser.add_argument("--warmup", type=float, default=0.5,
+    parser.add_argument("--warmup", type=float, default=1.0,
                         help="groups received before the clock starts, as a share of the timed ones")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--verbose", action="store_true", help="print every measurement")
