@@ -53,6 +53,12 @@ Decisions:
   sets the KV cache size directly and takes precedence.
 - vLLM starts its engine core and workers as processes, so any script that builds an Engine
   needs the `if __name__ == "__main__":` guard.
+- vLLM's processes talk over ZeroMQ IPC sockets whose files it creates in
+  `VLLM_RPC_BASE_PATH` (default the temp directory) and never removes: 7 files per engine,
+  clean shutdown or not (about 770 had gathered in /tmp over a few days of tests and runs).
+  Each Engine therefore gives vLLM a directory of its own, `<tmp>/vapo-vllm-<pid>-*`
+  (`private_ipc_dir`), removed at `shutdown` or when the process exits; the directories of
+  processes that died without either (SIGKILL) are removed by the next Engine on the host.
 
 Weight updates go through the receiver (`join_weight_group`, `apply_weights`,
 `leave_weight_group`); those calls block until the learner's `WeightSender` takes part, so
@@ -63,9 +69,15 @@ Must not import learner or deploy.
 
 from __future__ import annotations
 
+import atexit
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from vllm import LLM, SamplingParams
@@ -73,6 +85,38 @@ from vllm.inputs import TokensPrompt
 from vllm.logprobs import FlatLogprobs
 
 RECEIVER_CLS = "actors.weight_receiver.WeightReceiver"
+IPC_DIR_PREFIX = "vapo-vllm-"
+_IPC_DIR = re.compile(re.escape(IPC_DIR_PREFIX) + r"(\d+)-")
+_IPC_ENV = "VLLM_RPC_BASE_PATH"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_ipc_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove the IPC directories (`<root>/vapo-vllm-<pid>-*`) whose process is gone; returns them."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(IPC_DIR_PREFIX + "*"):
+        match = _IPC_DIR.match(path.name)
+        if match and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def private_ipc_dir(root: str | Path | None = None) -> Path:
+    """A new directory of this process for vLLM's IPC socket files (see the module note), after a sweep."""
+    sweep_ipc_dirs(root)
+    path = Path(tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-", dir=root))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @dataclass
@@ -111,19 +155,31 @@ class Engine:
         self._in_round = False  # a stepped round is running: updates pause the core and defer the cache reset
         self._stale_prefix_cache = False
         self._tokenizer = None  # vLLM's, fetched on first use
-        self.llm = LLM(
-            model=str(model_path),
-            seed=seed,
-            dtype=dtype,  # type: ignore[arg-type]  # vLLM types it as a Literal of dtype names
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            max_num_seqs=max_num_seqs,
-            tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=enforce_eager,
-            max_model_len=max_model_len,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=RECEIVER_CLS,
-        )
+        self.ipc_dir = private_ipc_dir()
+        previous = os.environ.get(_IPC_ENV)
+        os.environ[_IPC_ENV] = str(self.ipc_dir)  # read here and by the engine core and workers as they start
+        try:
+            self.llm = LLM(
+                model=str(model_path),
+                seed=seed,
+                dtype=dtype,  # type: ignore[arg-type]  # vLLM types it as a Literal of dtype names
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                max_num_seqs=max_num_seqs,
+                tensor_parallel_size=tensor_parallel_size,
+                enforce_eager=enforce_eager,
+                max_model_len=max_model_len,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=RECEIVER_CLS,
+            )
+        except BaseException:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+            raise
+        finally:
+            if previous is None:
+                os.environ.pop(_IPC_ENV, None)
+            else:
+                os.environ[_IPC_ENV] = previous
 
     @property
     def num_workers(self) -> int:
@@ -275,8 +331,11 @@ class Engine:
         self.llm.collective_rpc("close_weight_group")
 
     def shutdown(self) -> None:
-        """Stop the engine core and its workers."""
-        self.llm.llm_engine.engine_core.shutdown()  # LLM has no public shutdown in this vLLM
+        """Stop the engine core and its workers, and remove their IPC socket files."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()  # LLM has no public shutdown in this vLLM
+        finally:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def _to_sample(completion, decode: Callable[[np.ndarray], str] | None = None, *,

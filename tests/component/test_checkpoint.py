@@ -67,3 +67,4 @@ def test_exported_policy_loads_in_vllm_with_the_same_logprobs(random_model_dir: 
         assert max_abs_diff(engine.score(sequences), expected) < 1e-4
     finally:
         engine.shutdown()
+    assert not engine.ipc_dir.exists()  # vLLM's IPC socket files go with the engine (actors.engine)

@@ -101,3 +101,32 @@ def test_bad_arguments_are_rejected(random_engine) -> None:
         random_engine.engine.generate(PROMPTS, n=0)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         random_engine.engine.score([[3]])
+
+
+def test_vllms_ipc_socket_files_live_in_the_engines_own_directory(random_engine) -> None:
+    import os
+    import stat
+
+    ipc_dir = random_engine.engine.ipc_dir
+    assert ipc_dir.name.startswith(f"vapo-vllm-{os.getpid()}-")
+    sockets = [p for p in ipc_dir.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+    assert sockets, f"vLLM created no IPC socket in {ipc_dir}"
+    assert "VLLM_RPC_BASE_PATH" not in os.environ  # set only while the engine started
+
+
+def test_sweep_removes_the_ipc_directories_of_dead_processes_only(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from actors.engine import private_ipc_dir, sweep_ipc_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    gone = tmp_path / f"vapo-vllm-{int(dead.stdout)}-abc"
+    gone.mkdir()
+    (gone / "socket-file").touch()
+    other = tmp_path / "vapo-vllm-notapid"
+    other.mkdir()
+    mine = private_ipc_dir(tmp_path)  # sweeps first
+    assert not gone.exists() and other.is_dir() and mine.is_dir()
+    assert sweep_ipc_dirs(tmp_path) == [] and mine.is_dir()  # this process is alive
