@@ -36,7 +36,8 @@ max_num_seqs 128 for a 256-sequence lease (4,200-4,850 against 3,900-4,150 token
 spread), the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~640 tokens/s). Flat
 log-probs and no vLLM detokenizer (`actors.engine`) cut a 256-sequence step from ~62-69 to ~39-49
 ms, but a lease call, mostly tail, gains less than the spread. Full runs at load 1.6-3.6: vLLM
-4,000-4,600 tokens/s against transformers' best 3,000-3,250, a ratio of 1.2-1.5.
+4,000-4,600 tokens/s against transformers' best 3,000-3,250, a ratio of 1.2-1.5; at load 1.1-1.2
+(session 11) both ran ~3x faster, 12,384 against 8,796 tokens/s (1 prompt per call), a ratio of 1.4.
 
 Weight push: the real path, `learner.weight_sync.WeightSender` (bucketed, header, handshake) over
 a gloo group built by `shared.weight_group`, to two receivers:
