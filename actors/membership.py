@@ -15,6 +15,10 @@ latest group spec asks this actor to receive a push:
   follower reads the spec again), then receives the push into the engine and returns its
   version.
 
+An actor that dies without `leave` (SIGKILL, a lost node) cannot mark itself `left`; the
+launcher, which sees it die, does it on its behalf with `mark_left` before starting a
+replacement, so a rebuild the learner is waiting on drops it at once instead of at the timeout.
+
 Failure modes.
 - The learner's store goes away (learner restart): every store call raises `DistError`;
   `next_push` then reconnects with a short timeout per attempt, leaves the engine's group (it
@@ -33,6 +37,7 @@ engine is passed in).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import timedelta
@@ -50,6 +55,29 @@ _RECONNECT_TIMEOUT_S = 1.0
 def _put(store: dist.Store, key: str, value: bytes) -> None:
     """store.set with bytes (the torch stubs say str; the binding takes bytes)."""
     store.set(key, value)  # type: ignore[arg-type]
+
+
+def mark_left(master_addr: str, master_port: int, actor_id: int, *, timeout_s: float = 5.0) -> bool:
+    """Mark a dead actor's active registration `left` on its behalf; whether it did.
+
+    Compare-and-set on the record read, so a registration written meanwhile (a replacement's)
+    is kept. An unreachable store or a record that does not decode is logged, not raised: the
+    learner's join timeout still bounds the wait.
+    """
+    key = wp.member_key(actor_id)
+    try:
+        store = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        if not store.check([key]):
+            return False
+        raw = bytes(store.get(key))
+        member = wp.decode_member(raw)
+        if member.state != "active":
+            return False
+        left = wp.encode_member(dataclasses.replace(member, state="left"))
+        return bytes(store.compare_set(key, raw, left)) == left  # type: ignore[arg-type]
+    except (dist.DistError, ValueError) as e:
+        log.warning("could not mark actor %d left in the weight group: %s", actor_id, str(e).splitlines()[0])
+        return False
 
 
 class WeightEngine(Protocol):

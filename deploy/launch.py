@@ -28,7 +28,9 @@ Actors and learner ranks run their loops in a thread of a threaded Ray actor, so
 progress queries are answered while they work. A dead rollout actor is detected by its health
 check (the Ray actor died, or its loop ended with an error) and replaced under the same id: its
 leases expire in the queue and are re-issued, and the new process registers with the learner's
-weight group and receives the current weights before it generates.
+weight group and receives the current weights before it generates. Before the restart the
+controller marks the dead one `left` in the weight group (`actors.membership.mark_left`), so a push
+the learner is rebuilding for goes on without it instead of waiting `sync.timeout_s` for it.
 
 A cluster (`deploy/start_cluster.sh`, several nodes) is joined with `connect`; `cluster_status` reads
 its nodes and the running job (actors, where they run, the learner's last step) for `vapo status`.
@@ -423,11 +425,20 @@ class Controller:
                         dead = not health["alive"] and health["error"] is not None
                     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                         dead = True
+                    if dead and not self._stop.is_set():
+                        self._deregister(actor_id)  # before a replacement registers under the same id
                     if dead and self.cfg.deploy.restart_actors and not self._stop.is_set():
                         log.warning("actor %d is dead; restarting it", actor_id)
                         ray.kill(worker)
                         self.restarts += 1
                         self._start(actor_id)
+
+    def _deregister(self, actor_id: int) -> None:
+        """Mark a dead actor `left` in the weight group, so a rebuild waiting for it goes on without it."""
+        from actors.membership import mark_left
+
+        if mark_left(self.cfg.sync.master_addr, self.cfg.sync.master_port, actor_id):
+            log.warning("actor %d is dead; marked it left in the weight group", actor_id)
 
     def status(self) -> dict[str, Any]:
         """Actor ids, restarts, and the Ray node each actor runs on (None while it starts)."""

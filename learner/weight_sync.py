@@ -35,7 +35,9 @@ Membership: `MembershipManager` is learner rank 0's side of the protocol in
 started without a group (the store must be up before any actor can register) and, at every
 `push`, reads the registrations, rebuilds the group when they changed or the last push failed
 (two-phase: every listed actor must say `ready` within `join_timeout_s`, else it is dropped
-and the generation is written again for the rest, once), writes the spec with the version
+and the generation is written again for the rest, once; an actor whose registration is gone
+meanwhile, marked `left` by the launcher that saw it die or replaced by a new incarnation, is
+dropped at once instead of at the timeout), writes the spec with the version
 and a new push id, and broadcasts. A push that fails (a receiver died or stayed away longer
 than the group's timeout) is retried once on a rebuilt group, so one dead actor costs a
 timeout, not the run (the retry needs the tensors again: pass a function that returns them).
@@ -72,6 +74,8 @@ from shared.config import SyncConfig
 from shared.weight_group import broadcast_from_root, make_weight_group
 
 log = logging.getLogger("vapo.weight_sync")
+_READY_POLL_S = 0.25
+"""While waiting for `ready`, how often the registrations are read again (a dead actor's is marked gone)."""
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
@@ -364,8 +368,8 @@ class MembershipManager:
                     missing = self._not_joined(spec)
             else:
                 _put(store, wp.go_key(name), b"0")  # those waiting read the spec again
-            log.warning("weight group %s: actors %s did not come within %s; dropped", name, missing,
-                        self.join_timeout)
+            log.warning("weight group %s: actors %s did not come (dead: registration gone, or not ready within %s); "
+                        "dropped", name, missing, self.join_timeout)
             self._drop([m for m in members if m.actor_id in missing])
             dropped.extend(missing)
             members = [m for m in members if m.actor_id not in missing]
@@ -374,13 +378,38 @@ class MembershipManager:
         return False
 
     def _not_ready(self, spec: wp.GroupSpec) -> list[int]:
+        """The listed actors not ready: waits up to the join timeout, but not for an actor whose registration is gone.
+
+        An actor that died does not say ready; its registration is then no longer the one the
+        spec lists (the launcher marked it `left`, or its replacement registered as a new
+        incarnation), so waiting for it ends at the next poll instead of at the timeout, and the
+        actors that are ready go on without it.
+        """
         store = self.sender.store
-        keys = [wp.ready_key(spec.name, s.actor_id) for s in spec.slots]
+        keys = {s.actor_id: wp.ready_key(spec.name, s.actor_id) for s in spec.slots}
+        deadline = time.monotonic() + self.join_timeout.total_seconds()
+        while True:
+            waiting = [s for s in spec.slots if not store.check([keys[s.actor_id]])]
+            alive = [s for s in waiting if not self._registration_gone(s)]
+            remaining = deadline - time.monotonic()
+            if not alive or remaining <= 0:
+                return [s.actor_id for s in waiting]
+            try:
+                store.wait([keys[s.actor_id] for s in alive], timedelta(seconds=min(_READY_POLL_S, remaining)))
+            except dist.DistStoreError:
+                pass  # not all of them yet: look again
+
+    def _registration_gone(self, slot: wp.Slot) -> bool:
+        """Whether the actor's registration is no longer the active one `slot` was made from."""
+        key = wp.member_key(slot.actor_id)
+        store = self.sender.store
+        if not store.check([key]):
+            return True
         try:
-            store.wait(keys, self.join_timeout)
-        except dist.DistStoreError:
-            pass  # the ones missing are found below
-        return [s.actor_id for s, key in zip(spec.slots, keys, strict=True) if not store.check([key])]
+            member = wp.decode_member(bytes(store.get(key)))
+        except ValueError:
+            return False  # counted where registrations are read; the timeout decides
+        return member.state != "active" or member.identity != (slot.actor_id, slot.incarnation, slot.epoch)
 
     def _not_joined(self, spec: wp.GroupSpec) -> list[int]:
         store = dist.PrefixStore(spec.name, self.sender.store)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from actors.membership import WeightFollower
+from actors.membership import WeightFollower, mark_left
 from deploy.doctor import free_port, hf_logprobs, perturb_
 from learner.weight_sync import MembershipManager
 from shared import weight_protocol as wp
@@ -243,6 +243,52 @@ def test_actors_join_leave_and_die_while_pushes_go_on(manager: MembershipManager
         for actor in (a, b, c):
             if actor is not None:
                 actor.close()
+
+
+@pytest.mark.parametrize("gone", ["marked left", "replaced"])
+@pytest.mark.timeout(300)  # the hang guard: without the fix the rebuild waits out the hour-long join timeout
+def test_a_rebuild_goes_on_without_a_dead_actor_once_its_registration_is_gone(gone: str) -> None:
+    """A dead actor's registration is marked left by the launcher (or replaced by its restart) while the
+    learner waits for it to say ready: the learner drops it then, not at the join timeout."""
+    manager = MembershipManager(HOST, free_port(), timeout_s=5.0, join_timeout_s=3600.0, bucket_bytes=128)
+    a = FakeActor(manager.port, actor_id=3)
+    b = FakeActor(manager.port, actor_id=1)
+    store = manager.sender.store
+
+    def when_waited_for() -> None:  # once a new generation lists dead b, b's registration goes
+        _until(lambda: (spec := manager.spec) is not None and spec.name != "weights/1"
+               and spec.slot(1, b.follower.incarnation) is not None, 120.0)
+        if gone == "marked left":
+            assert mark_left(HOST, manager.port, 1)
+            assert wp.decode_member(store.get(wp.member_key(1))).state == "left"
+        else:
+            b.follower.incarnation = 2001
+            b.follower.register()
+
+    try:
+        report, _ = _push(manager, 1)
+        assert report.ok and report.members == (1, 3)
+        b.hang()  # dies without deregistering: the push fails, and the rebuild for the retry lists b
+        marker = threading.Thread(target=when_waited_for, daemon=True)
+        marker.start()
+        report, weights = _push(manager, 2)
+        marker.join(10)
+        assert report.ok and report.members == (3,) and report.dropped == (1,) and report.attempts == 2
+        _until(lambda: a.engine.versions[-1:] == [2])
+        assert _same(a.engine, weights)
+        record = wp.decode_member(store.get(wp.member_key(1)))
+        if gone == "replaced":  # the replacement's registration stands: it is included at the next push
+            assert record.state == "active" and record.incarnation == 2001 and manager.pending() == [1]
+        else:
+            assert record.state == "left" and not mark_left(HOST, manager.port, 1)  # nothing active to mark
+    finally:
+        a.close()
+        b.close(deregister=False)
+        manager.close()
+
+
+def test_mark_left_without_a_store_is_logged_not_raised() -> None:
+    assert not mark_left(HOST, free_port(), 0, timeout_s=0.5)
 
 
 def test_malformed_registrations_and_specs_are_ignored(manager: MembershipManager) -> None:
