@@ -306,14 +306,18 @@ class LearnerRank:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
         tracker = None
         if rank == 0:
+            from learner import checkpoint
             from learner.weight_sync import MembershipManager
             from shared.queue_client import ClientSettings, LearnerClient
-            from shared.tracking import Tracker
+            from shared.tracking import Tracker, record_run, recorded_run
 
             self._source = LearnerClient(ClientSettings.from_config(cfg, in_process=self._queue is not None))
             sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if use_cuda else "gloo")
             self._pusher = MembershipManager.from_config(cfg.sync, sync_backend)
-            tracker = Tracker(cfg) if cfg.tracking.enabled else None
+            if cfg.tracking.enabled:  # a resume from this run_dir's checkpoint continues its MLflow run
+                resumed = cfg.resume and checkpoint.latest(cfg.run_dir) is not None
+                tracker = Tracker(cfg, run_id=recorded_run(cfg) if resumed else None)
+                record_run(cfg.run_dir, tracker)
 
         def on_step(metrics: dict[str, float]) -> None:
             self.latest = metrics

@@ -11,6 +11,15 @@ memory, the host's memory, and CUDA memory when a GPU is in use. They are logged
 learner's step rather than by MLflow's own sampling thread (`log_system_metrics`), so they line
 up with the training metrics and need no extra thread.
 
+Resume: a run records its MLflow run in `run_dir/mlflow_run.json` (`record_run`); `resume=true`
+from a checkpoint of that `run_dir` continues that run (`recorded_run`: same store, run still
+there), so one MLflow run holds the whole training curve however often it was resumed. The
+resumed run's config goes to `resumes/<n>/config.yaml` (params, once logged, are immutable) and
+the tag `vapo.resumes` counts the resumes. Steps logged after the checkpoint and before the
+crash are logged again by the resumed run; `metric_history` keeps, per step, the value logged
+last. Otherwise (no record, another store, the run deleted) a new run starts, with the reason
+in the log.
+
 End of run: `log_plots` draws the training curves (`shared.plots`) from the run's own logged
 history, the same input `vapo report` uses, so a resumed run's plots cover all its steps.
 
@@ -24,6 +33,7 @@ than MLflow's limit are truncated (the YAML artifact keeps the full config).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,6 +47,9 @@ from shared.config import VapoConfig, flatten, to_yaml
 from shared.plots import PLOT_KEYS, write_plots
 
 _URI_ENV = "MLFLOW_TRACKING_URI"
+RUN_RECORD = "mlflow_run.json"
+"""In `run_dir`: the store and id of the MLflow run whose checkpoints the directory holds."""
+_RESUMES_TAG = "vapo.resumes"
 
 log = logging.getLogger("vapo.tracking")
 _MAX_PARAM_LEN = 500
@@ -95,20 +108,27 @@ class Tracker:
         else:
             os.environ[_URI_ENV] = env_uri
         mlflow.set_experiment(cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=cfg.tracking.run_name)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.tracking.run_name)
         self.run_id: str = self.run.info.run_id
         if run_id is None:
             self._log_config(cfg)
+        else:
+            resumes = int(self.run.data.tags.get(_RESUMES_TAG, "0")) + 1
+            mlflow.set_tag(_RESUMES_TAG, str(resumes))
+            self._log_yaml(cfg, f"resumes/{resumes}")
 
     def _log_config(self, cfg: VapoConfig) -> None:
         params = {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(cfg).items()}
         items = list(params.items())
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._mlflow.log_params(dict(items[start : start + 100]))
+        self._log_yaml(cfg, None)
+
+    def _log_yaml(self, cfg: VapoConfig, artifact_path: str | None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.yaml"
             path.write_text(to_yaml(cfg))
-            self._mlflow.log_artifact(str(path))
+            self._mlflow.log_artifact(str(path), artifact_path)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log finite metrics, plus this process's `system/*` figures, at `step` (NaN/inf are dropped)."""
@@ -140,6 +160,39 @@ class Tracker:
         self._mlflow.end_run(status=status)
 
 
+def record_run(run_dir: str | Path, tracker: Tracker) -> None:
+    """Write `run_dir/mlflow_run.json` naming the tracker's store and run (what a resume continues)."""
+    path = Path(run_dir) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"tracking_uri": tracker.uri, "run_id": tracker.run_id}) + "\n")
+    tmp.rename(path)
+
+
+def recorded_run(cfg: VapoConfig) -> str | None:
+    """The MLflow run recorded in `cfg.run_dir`, when it exists in the store this config tracks to; else None."""
+    path = Path(cfg.run_dir) / RUN_RECORD
+    if not path.is_file():
+        return None
+    uri = cfg.tracking.resolved_uri
+    try:
+        record = json.loads(path.read_text())
+        recorded_uri, run_id = str(record["tracking_uri"]), str(record["run_id"])
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s is unreadable (%s: %s); starting a new MLflow run", path, type(e).__name__, e)
+        return None
+    if recorded_uri != uri:
+        log.warning("%s names run %s in %s, but this run tracks to %s; starting a new MLflow run", path, run_id,
+                    recorded_uri, uri)
+        return None
+    try:
+        _client(run_id, uri)
+    except ValueError as e:
+        log.warning("%s: %s; starting a new MLflow run", path, e)
+        return None
+    return run_id
+
+
 def _client(run_id: str, tracking_uri: str) -> Any:
     """An MlflowClient on `tracking_uri` after checking that `run_id` exists there (ValueError if not)."""
     from mlflow.exceptions import MlflowException
@@ -156,12 +209,19 @@ def _client(run_id: str, tracking_uri: str) -> Any:
 
 
 def metric_history(run_id: str, keys: list[str], tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
-    """`{key: [(step, value), ...]}` of a finished or running run, sorted by step (ValueError: no such run)."""
+    """`{key: [(step, value), ...]}` of a finished or running run, sorted by step (ValueError: no such run).
+
+    A step logged more than once (a resumed run repeats the steps after its checkpoint) keeps the value
+    logged last.
+    """
     client = _client(run_id, tracking_uri)
     out: dict[str, list[tuple[int, float]]] = {}
     for key in keys:
-        history = client.get_metric_history(run_id, key)
-        out[key] = sorted((m.step, m.value) for m in history)
+        latest: dict[int, tuple[int, float]] = {}
+        for m in client.get_metric_history(run_id, key):
+            if m.step not in latest or m.timestamp >= latest[m.step][0]:
+                latest[m.step] = (m.timestamp, m.value)
+        out[key] = [(step, value) for step, (_, value) in sorted(latest.items())]
     return out
 
 

@@ -128,3 +128,45 @@ def test_trackers_in_one_process_keep_their_own_stores(tmp_path: Path, monkeypat
         assert "MLFLOW_TRACKING_URI" not in os.environ
     for run_id, uri in runs:
         assert metric_history(run_id, ["rollout/acc"], uri)["rollout/acc"] == [(1, 0.5)]
+
+
+def test_a_resume_continues_the_recorded_run_and_the_last_value_of_a_step_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import time
+
+    from shared.config import load_config
+    from shared.tracking import RUN_RECORD, Tracker, metric_history, record_run, recorded_run, run_artifacts
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config([], [f"tracking.tracking_uri={uri}", f"run_dir={tmp_path / 'run'}"])
+    assert recorded_run(cfg) is None  # nothing recorded yet
+    first = Tracker(cfg, system_metrics=False)
+    record_run(cfg.run_dir, first)
+    for step in (1, 2, 3):  # steps 2 and 3 come after the checkpoint at step 1 and before the crash
+        first.log_metrics({"rollout/acc": 0.1 * step}, step=step)
+    first.close("FAILED")
+
+    time.sleep(0.01)  # the resumed values are logged later, by the clock too
+    assert recorded_run(cfg) == first.run_id
+    resumed = Tracker(load_config([], [f"tracking.tracking_uri={uri}", f"run_dir={tmp_path / 'run'}",
+                                       "learner.total_steps=9"]), run_id=first.run_id, system_metrics=False)
+    for step in (2, 3, 4):
+        resumed.log_metrics({"rollout/acc": 0.5 + 0.1 * step}, step=step)
+    resumed.close()
+    assert resumed.run_id == first.run_id
+    history = metric_history(first.run_id, ["rollout/acc"], uri)["rollout/acc"]
+    assert [s for s, _ in history] == [1, 2, 3, 4]
+    assert [round(v, 6) for _, v in history] == [0.1, 0.7, 0.8, 0.9]  # the resumed run's values win
+    assert "resumes/1/config.yaml" in run_artifacts(first.run_id, uri) and "config.yaml" in run_artifacts(
+        first.run_id, uri)
+
+    record = tmp_path / "run" / RUN_RECORD
+    other = load_config([], [f"tracking.tracking_uri=sqlite:///{tmp_path / 'other.db'}", f"run_dir={tmp_path / 'run'}"])
+    assert recorded_run(other) is None and "starting a new MLflow run" in caplog.text  # another store
+    record.write_text(json.dumps({"tracking_uri": uri, "run_id": "0" * 32}))
+    assert recorded_run(cfg) is None  # a run the store does not hold
+    record.write_text("{not json")
+    assert recorded_run(cfg) is None

@@ -2,7 +2,7 @@
 
 CI (random-init model, a few steps): SIGTERM to the driver after the first step makes the learner
 checkpoint at the next step boundary and the run end cleanly; `resume=true` continues from that
-checkpoint with the next step and version numbers, and the actor generates only after it received the
+checkpoint with the next step and version numbers, in the same MLflow run, and the actor generates only after it received the
 checkpoint's weights: the first resumed batch has version lag 0 and its behavior log-probs match the
 learner's to vLLM/transformers parity, where one version of staleness already differs 30x more. The
 driver's signal handler alone: the first signal forwards the stop once, a second one aborts.
@@ -163,13 +163,20 @@ def _history(run_id: str, uri: str, *keys: str) -> dict[str, list[tuple[int, flo
 
 
 def _check_resumed(out: str, run_id: str, uri: str, from_step: int, total: int, max_staleness: int) -> None:
-    """The resumed run logged steps from_step+1..total with version == step, received the checkpoint's
-    weights before generating, and its first batch was on-policy."""
+    """The resumes continued the first launch's MLflow run (the store holds that one run), which holds steps
+    1..total with version == step; the resumed learner received the checkpoint's weights before generating,
+    and its first batch was on-policy."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == [run_id]
     h = _history(run_id, uri, "train/version", "async/version_lag_max", "sync/logprob_abs_diff_mean")
-    assert h["train/version"] == [(s, float(s)) for s in range(from_step + 1, total + 1)], h["train/version"]
-    assert all(v <= max_staleness for _, v in h["async/version_lag_max"])
-    assert h["async/version_lag_max"][0][1] == 0.0  # generated with the checkpoint's weights, labelled as such
-    assert h["sync/logprob_abs_diff_mean"][0][1] < PARITY, h["sync/logprob_abs_diff_mean"]
+    assert h["train/version"] == [(s, float(s)) for s in range(1, total + 1)], h["train/version"]
+    resumed = {key: [(s, v) for s, v in values if s > from_step] for key, values in h.items()}
+    assert all(v <= max_staleness for _, v in resumed["async/version_lag_max"])
+    assert resumed["async/version_lag_max"][0] == (from_step + 1, 0.0)  # the checkpoint's weights, labelled so
+    assert resumed["sync/logprob_abs_diff_mean"][0][1] < PARITY, resumed["sync/logprob_abs_diff_mean"]
     first = WEIGHTS.search(out)
     assert first is not None and int(first.group(2)) == from_step, "the actor's first weights are the checkpoint's"
     assert INITIAL.search(out) is None, "an actor generated with model.path's weights after a resume"
