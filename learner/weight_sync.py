@@ -39,7 +39,7 @@ and the generation is written again for the rest, once; an actor whose registrat
 meanwhile, marked `left` by the launcher that saw it die or replaced by a new incarnation, is
 dropped at once instead of at the timeout), writes the spec with the version
 and a new push id, and broadcasts. A push that fails (a receiver died or stayed away longer
-than the group's timeout) is retried once on a rebuilt group, so one dead actor costs a
+than the group's timeout) is retried once on a rebuilt group, so one dead actor costs at most a
 timeout, not the run (the retry needs the tensors again: pass a function that returns them).
 `pending()` lists registered actors outside the group: a learner that waits for data must
 push its current version again when it is not empty, because a new actor generates nothing

@@ -17,7 +17,7 @@ there), so one MLflow run holds the whole training curve however often it was re
 resumed run's config goes to `resumes/<n>/config.yaml` (params, once logged, are immutable) and
 the tag `vapo.resumes` counts the resumes. Steps logged after the checkpoint and before the
 crash are logged again by the resumed run; `metric_history` keeps, per step, the value logged
-last. Otherwise (no record, another store, the run deleted) a new run starts, with the reason
+last. Otherwise (no record, another store, the run gone or deleted) a new run starts, with the reason
 in the log.
 
 End of run: `log_plots` draws the training curves (`shared.plots`) from the run's own logged
@@ -186,9 +186,12 @@ def recorded_run(cfg: VapoConfig) -> str | None:
                     recorded_uri, uri)
         return None
     try:
-        _client(run_id, uri)
+        stage = _client(run_id, uri).get_run(run_id).info.lifecycle_stage
     except ValueError as e:
         log.warning("%s: %s; starting a new MLflow run", path, e)
+        return None
+    if stage != "active":  # MLflow refuses to start a deleted run
+        log.warning("%s: run %s is %s; starting a new MLflow run", path, run_id, stage)
         return None
     return run_id
 

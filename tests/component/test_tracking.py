@@ -166,6 +166,10 @@ def test_a_resume_continues_the_recorded_run_and_the_last_value_of_a_step_counts
     record = tmp_path / "run" / RUN_RECORD
     other = load_config([], [f"tracking.tracking_uri=sqlite:///{tmp_path / 'other.db'}", f"run_dir={tmp_path / 'run'}"])
     assert recorded_run(other) is None and "starting a new MLflow run" in caplog.text  # another store
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).delete_run(first.run_id)
+    assert recorded_run(cfg) is None  # deleted: MLflow would refuse to start it
     record.write_text(json.dumps({"tracking_uri": uri, "run_id": "0" * 32}))
     assert recorded_run(cfg) is None  # a run the store does not hold
     record.write_text("{not json")
