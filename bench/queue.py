@@ -33,8 +33,8 @@ What the figures say on the 2-core machine (session 11):
   of a group just copied in by the I/O thread), the actors' client ~0.3 ms (encoding, the
   pipeline, zero-copy send tracking) and the learner ~0.15 ms (batch decode). Both paths
   keep ~1.6-1.8 of the 2 cores busy, so the throughput ratio follows the CPU per group:
-  0.54-0.68 in fresh processes (3 runs of this version), up to 1.23 when the raw receiver
-  is in its slow regime.
+  0.54, 0.64 and 0.77 in three full runs with fresh processes, up to 1.23 when the raw
+  receiver sat in its slow regime.
 - The earlier default of 400 large groups timed from the first one (under half a second)
   caught the raw pair mostly in its slow first phase, which is why its ratio looked like
   ~0.97: the target of 0.8 is not met in steady state on this machine. Reaching it would
