@@ -60,9 +60,10 @@ def _put(store: dist.Store, key: str, value: bytes) -> None:
 def mark_left(master_addr: str, master_port: int, actor_id: int, *, timeout_s: float = 5.0) -> bool:
     """Mark a dead actor's active registration `left` on its behalf; whether it did.
 
-    Compare-and-set on the record read, so a registration written meanwhile (a replacement's)
-    is kept. An unreachable store or a record that does not decode is logged, not raised: the
-    learner's join timeout still bounds the wait.
+    It marks whichever registration is active, so the caller (the launcher) calls it after the
+    actor died and before it starts a replacement. Compare-and-set on the record read: one
+    written between the read and the write is kept. An unreachable store or a record that does
+    not decode is logged, not raised: the learner's join timeout still bounds the wait.
     """
     key = wp.member_key(actor_id)
     try:
