@@ -2,10 +2,11 @@
 
 CI (random-init model, a few steps): SIGTERM to the driver after the first step makes the learner
 checkpoint at the next step boundary and the run end cleanly; `resume=true` continues from that
-checkpoint with the next step and version numbers, in the same MLflow run, and the actor generates only after it received the
-checkpoint's weights: the first resumed batch has version lag 0 and its behavior log-probs match the
-learner's to vLLM/transformers parity, where one version of staleness already differs 30x more. The
-driver's signal handler alone: the first signal forwards the stop once, a second one aborts.
+checkpoint with the next step and version numbers, in the same MLflow run, and the actor generates
+only after it received the checkpoint's weights: the first resumed batch has version lag 0 and its
+behavior log-probs match the learner's to vLLM/transformers parity, where one version of staleness
+already differs 30x more. The driver's signal handler alone: the first signal forwards the stop
+once, a second one aborts.
 
 Slow (the built tiny model):
 - an actor SIGKILLed mid-run: training goes on, the controller starts a replacement under the same id,
