@@ -56,9 +56,10 @@ Decisions:
 - vLLM's processes talk over ZeroMQ IPC sockets whose files it creates in
   `VLLM_RPC_BASE_PATH` (default the temp directory) and never removes: 7 files per engine,
   clean shutdown or not (about 770 had gathered in /tmp over a few days of tests and runs).
-  Each Engine therefore gives vLLM a directory of its own, `<tmp>/vapo-vllm-<pid>-*`
-  (`private_ipc_dir`), removed at `shutdown` or when the process exits; the directories of
-  processes that died without either (SIGKILL) are removed by the next Engine on the host.
+  Each Engine therefore gives vLLM a directory of its own, `<base>/vapo-vllm-<pid>-*`
+  (`private_ipc_dir`; base: a `VLLM_RPC_BASE_PATH` the user set, else the temp directory),
+  removed at `shutdown` or when the process exits; the directories of processes that died
+  without either (SIGKILL) are removed by the next Engine on the host.
 
 Weight updates go through the receiver (`join_weight_group`, `apply_weights`,
 `leave_weight_group`); those calls block until the learner's `WeightSender` takes part, so
@@ -155,8 +156,8 @@ class Engine:
         self._in_round = False  # a stepped round is running: updates pause the core and defer the cache reset
         self._stale_prefix_cache = False
         self._tokenizer = None  # vLLM's, fetched on first use
-        self.ipc_dir = private_ipc_dir()
         previous = os.environ.get(_IPC_ENV)
+        self.ipc_dir = private_ipc_dir(previous)
         os.environ[_IPC_ENV] = str(self.ipc_dir)  # read here and by the engine core and workers as they start
         try:
             self.llm = LLM(
