@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import FlatLogprobs
@@ -91,22 +92,12 @@ _IPC_DIR = re.compile(re.escape(IPC_DIR_PREFIX) + r"(\d+)-")
 _IPC_ENV = "VLLM_RPC_BASE_PATH"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def sweep_ipc_dirs(root: str | Path | None = None) -> list[Path]:
     """Remove the IPC directories (`<root>/vapo-vllm-<pid>-*`) whose process is gone; returns them."""
     removed = []
     for path in Path(root or tempfile.gettempdir()).glob(IPC_DIR_PREFIX + "*"):
         match = _IPC_DIR.match(path.name)
-        if match and path.is_dir() and not _alive(int(match.group(1))):
+        if match and path.is_dir() and not psutil.pid_exists(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -429,9 +429,10 @@ class Controller:
                         dead = not health["alive"] and health["error"] is not None
                     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                         dead = True
-                    if dead and not self._stop.is_set():
-                        self._deregister(actor_id)  # before a replacement registers under the same id
-                    if dead and self.cfg.deploy.restart_actors and not self._stop.is_set():
+                    if not dead or self._stop.is_set():
+                        continue
+                    self._deregister(actor_id)  # before a replacement registers under the same id
+                    if self.cfg.deploy.restart_actors:
                         log.warning("actor %d is dead; restarting it", actor_id)
                         ray.kill(worker)
                         self.restarts += 1
