@@ -34,7 +34,7 @@ import numpy as np
 
 from actors.rollout import SampleLike, prompt_ids, response_reward
 from shared.config import RewardConfig, VapoConfig, load_config
-from shared.data import PromptRecord, load_records
+from shared.data.records import PromptRecord, load_records
 from shared.types import Lease
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@
 Set up: tokenizer, engine (seed `rollout.seed + actor_id`; float32 with a directly sized KV
 cache on CPU), two queue clients sharing one incarnation (the loop's, and the scoring thread's,
 since a client is used from one thread), a heartbeat thread, the verifier's child process, and
-the registration with the learner's weight-group store (`actors.membership`).
+the registration with the learner's weight-group store (`actors.weight_sync`).
 
 Loop, reading top to bottom in `ActorLoop.run`:
 1. control: the latest broadcast (stop exits; pause waits; a newer version announces a push);
@@ -64,11 +64,11 @@ from typing import Any
 import torch
 
 from actors.engine import Engine
-from actors.membership import WeightFollower
 from actors.rollout import Round, prompt_ids, score_round
-from shared import reward
+from actors.weight_sync import WeightFollower
 from shared.config import VapoConfig, load_config
-from shared.queue_client import ActorClient, Broadcast, ClientSettings
+from shared.queue.client import ActorClient, Broadcast, ClientSettings
+from shared.reward import math_verifier
 from shared.types import Lease
 from shared.wire import WireError
 
@@ -239,7 +239,7 @@ class ActorLoop:
         t0 = time.perf_counter()
         try:
             version = self.follower.take_part(spec)
-        except Exception as e:  # vLLM reports a worker's failure as a plain Exception; see actors.membership
+        except Exception as e:  # vLLM reports a worker's failure as a plain Exception; see actors.weight_sync
             self.version = None
             self.report.failed_updates += 1
             log.warning("actor %d: weight push %d failed (%s); waiting for the next one", self.actor_id,
@@ -368,7 +368,7 @@ def run_actor(cfg: VapoConfig, actor_id: int, *, model_path: str, stop_event: An
                               timeout_s=cfg.sync.timeout_s)
     try:
         client.start_heartbeat(cfg.queue.lease_timeout_s / 3)
-        reward.warm_up()
+        math_verifier.warm_up()
         follower.connect(cfg.sync.timeout_s)
         return ActorLoop(cfg, actor_id, engine, tokenizer, client, submitter, follower, stop_event).run()
     finally:

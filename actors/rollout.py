@@ -2,12 +2,12 @@
 
 Owns the per-round work around one `Engine.generate` call, apart from the engine and the
 sockets, so it can be tested without either:
-- `prompt_ids`: a lease becomes the text the engine continues (`shared.data.render_prompt`:
+- `prompt_ids`: a lease becomes the text the engine continues (`shared.data.records.render_prompt`:
   the tokenizer's chat template when it has one, the plain prompt otherwise) and its tokens.
   Special tokens are added only without a chat template (a template writes its own). A prompt
   longer than `max_prompt_tokens` keeps its last tokens (the question's end and the template's
   generation prompt); the data loader should have rejected it, so this is counted and logged.
-- `score_round`: the verifier's reward per response (`shared.reward.score`, whose math-verify
+- `score_round`: the verifier's reward per response (`shared.reward.math_verifier.score`, whose math-verify
   runs in a killable child process with its own time limit, so a hostile answer cannot stall
   scoring for longer than `reward.timeout_s`), plus the DAPO overlong penalty when enabled;
   then one `RolloutGroup` per lease.
@@ -35,9 +35,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shared import reward
 from shared.config import RewardConfig
-from shared.data import PromptRecord, render_prompt
+from shared.data.records import PromptRecord, render_prompt
+from shared.reward import math_verifier
 from shared.types import FINISH_REASONS, Lease, RolloutGroup, make_group
 
 log = logging.getLogger("vapo.actor")
@@ -87,11 +87,11 @@ def prompt_ids(lease: Lease, tokenizer: Any, max_prompt_tokens: int) -> tuple[li
 
 def response_reward(text: str, num_tokens: int, ground_truth: str, cfg: RewardConfig) -> tuple[float, bool]:
     """(reward, correct) of one response: the verifier's score plus the overlong penalty when enabled."""
-    result = reward.score(text, ground_truth, correct_reward=cfg.correct, wrong_reward=cfg.wrong,
+    result = math_verifier.score(text, ground_truth, correct_reward=cfg.correct, wrong_reward=cfg.wrong,
                           timeout_s=cfg.timeout_s)
     value = result.score
     if cfg.overlong_penalty:
-        value += reward.overlong_penalty(num_tokens, cfg.overlong_max_len, cfg.overlong_cache_len)
+        value += math_verifier.overlong_penalty(num_tokens, cfg.overlong_max_len, cfg.overlong_cache_len)
     return value, result.correct
 
 

@@ -13,7 +13,7 @@ initialised; `init_process_group` would clash with it): a `ProcessGroupGloo` (CP
 TCPStore(...))` client of the learner's store. Rank 0 is the learner's `WeightSender`;
 worker w of an actor whose workers start at `rank_offset` is rank `rank_offset + w`, so with
 tensor parallelism every TP worker receives the full tensors and vLLM's weight loaders
-shard them. The wire format is `shared.weight_protocol`.
+shard them. The wire format is `shared.weights.protocol`.
 
 Apply: one `reload_weights(weights_iterator=...)` call per push, fed by a generator that
 receives bucket after bucket while vLLM's layerwise reload consumes them (so memory stays
@@ -54,8 +54,8 @@ import torch.distributed as dist
 from vllm.config import set_current_vllm_config
 from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
-from shared import weight_protocol as wp
-from shared.weight_group import broadcast_from_root, make_weight_group
+from shared.weights import protocol as wp
+from shared.weights.group import broadcast_from_root, make_weight_group
 
 EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 

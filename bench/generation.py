@@ -40,7 +40,7 @@ ms, but a lease call, mostly tail, gains less than the spread. Full runs at load
 (session 11) both ran ~3x faster, 12,384 against 8,796 tokens/s (1 prompt per call), a ratio of 1.4.
 
 Weight push: the real path, `learner.weight_sync.WeightSender` (bucketed, header, handshake) over
-a gloo group built by `shared.weight_group`, to two receivers:
+a gloo group built by `shared.weights.group`, to two receivers:
 - the tiny model (its perturbed parameters, as the learner pushes `named_parameters()`) into two
   live vLLM engines through `actors.weight_receiver.WeightReceiver`, timed until both engines
   have applied it (vLLM's in-place reload, the prefix-cache reset and the RPC included), then
@@ -92,8 +92,8 @@ from deploy.doctor import (  # noqa: E402
 )
 from learner.weight_sync import WeightSender  # noqa: E402
 from shared.config import VapoConfig, load_config  # noqa: E402
-from shared.data import load_records  # noqa: E402
-from shared.tasks.arithmetic import extract_answer  # noqa: E402
+from shared.data.records import load_records  # noqa: E402
+from shared.data.tasks.arithmetic import extract_answer  # noqa: E402
 from shared.types import Lease  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

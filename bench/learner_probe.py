@@ -41,7 +41,7 @@ from learner import tiny_model
 from learner.batching import Rollout
 from learner.main import build_learner
 from shared.config import load_config
-from shared.tasks import arithmetic
+from shared.data.tasks import arithmetic
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SAMPLES = 4

@@ -82,8 +82,8 @@ import psutil  # noqa: E402
 import zmq  # noqa: E402
 
 from shared.config import LearnerConfig, QueueConfig, RolloutConfig, VapoConfig  # noqa: E402
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
-from shared.queue_service import QueueThread, serve  # noqa: E402
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
+from shared.queue.service import QueueThread, serve  # noqa: E402
 from shared.types import Lease, RolloutGroup, make_group  # noqa: E402
 from shared.wire import decode, encode, encode_group  # noqa: E402
 

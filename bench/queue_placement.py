@@ -42,8 +42,8 @@ from bench.queue import EndlessSource  # noqa: E402
 from deploy.doctor import free_port  # noqa: E402
 from learner.main import rollouts_from_groups  # noqa: E402
 from shared.config import LearnerConfig, QueueConfig, RolloutConfig, VapoConfig  # noqa: E402
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
-from shared.queue_service import QueueThread, serve  # noqa: E402
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
+from shared.queue.service import QueueThread, serve  # noqa: E402
 from shared.types import make_group  # noqa: E402
 
 SPAWN = mp.get_context("spawn")

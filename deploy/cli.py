@@ -184,8 +184,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Draw a finished run's training curves (reward, accuracy, length, entropy, version lag) into PNG files."""
     from shared.config import TrackingConfig
-    from shared.plots import PLOT_KEYS, write_plots
-    from shared.tracking import metric_history
+    from shared.tracking.plots import PLOT_KEYS, write_plots
+    from shared.tracking.tracker import metric_history
 
     uri = args.tracking_uri or TrackingConfig().resolved_uri
     history = metric_history(args.run_id, list(PLOT_KEYS), uri)
@@ -197,7 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     """Run the replay queue service until SIGTERM/SIGINT."""
     from deploy.launch import open_prompt_source
-    from shared.queue_service import serve
+    from shared.queue.service import serve
 
     cfg = _load(args)
     stats = serve(cfg, open_prompt_source(cfg))

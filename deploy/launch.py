@@ -11,7 +11,7 @@ The only module that imports Ray. `train(cfg)` is what `vapo train CONFIG` runs:
    half-started: at once when no node could ever hold a bundle, after `deploy.placement_timeout_s`
    when they fit but are taken (Ray's placement groups otherwise wait forever);
 3. the learner ranks (rank 0 owns the queue client, the weight-group membership manager and the
-   MLflow run), the queue and the controller. The queue (`shared.queue_service.QueueThread`; on
+   MLflow run), the queue and the controller. The queue (`shared.queue.service.QueueThread`; on
    resume it starts from the checkpoint's cursor and version) runs by default (`queue.embedded`)
    in a thread of learner rank 0's process: the learner takes its batches over inproc, without a
    copy, so rollouts cross the network once, from an actor into the learner, as in a bare
@@ -29,7 +29,7 @@ progress queries are answered while they work. A dead rollout actor is detected 
 check (the Ray actor died, or its loop ended with an error) and replaced under the same id: its
 leases expire in the queue and are re-issued, and the new process registers with the learner's
 weight group and receives the current weights before it generates. Before the restart the
-controller marks the dead one `left` in the weight group (`actors.membership.mark_left`), so a push
+controller marks the dead one `left` in the weight group (`actors.weight_sync.mark_left`), so a push
 the learner is rebuilding for goes on without it instead of waiting `sync.timeout_s` for it.
 
 A cluster (`deploy/start_cluster.sh`, several nodes) is joined with `connect`; `cluster_status` reads
@@ -118,9 +118,9 @@ def check_ports_free(cfg: VapoConfig) -> None:
                 raise ValueError(f"{key}={port} on {host} is not free ({e.strerror})") from None
 
 
-def open_prompt_source(cfg: VapoConfig):  # -> shared.data.PromptSource
+def open_prompt_source(cfg: VapoConfig):  # -> shared.data.records.PromptSource
     """The training prompts of `cfg.data` in their seeded, resumable order."""
-    from shared.data import PromptSource, load_records
+    from shared.data.records import PromptSource, load_records
 
     d = cfg.data
     records = load_records(
@@ -211,7 +211,7 @@ class QueueProcess:
     """The replay queue service, in a thread of this Ray actor."""
 
     def __init__(self, cfg: VapoConfig, cursor: dict | None, version: int) -> None:
-        from shared.queue_service import QueueThread
+        from shared.queue.service import QueueThread
 
         _worker_logging()
         self._queue = QueueThread(cfg, open_prompt_source(cfg), cursor=cursor, initial_version=version)
@@ -308,8 +308,8 @@ class LearnerRank:
         if rank == 0:
             from learner import checkpoint
             from learner.weight_sync import MembershipManager
-            from shared.queue_client import ClientSettings, LearnerClient
-            from shared.tracking import Tracker, record_run, recorded_run
+            from shared.queue.client import ClientSettings, LearnerClient
+            from shared.tracking.tracker import Tracker, record_run, recorded_run
 
             self._source = LearnerClient(ClientSettings.from_config(cfg, in_process=self._queue is not None))
             sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if use_cuda else "gloo")
@@ -349,7 +349,7 @@ class LearnerRank:
 
     def start_queue(self, cfg: VapoConfig, cursor: dict | None, version: int) -> None:
         """Run the replay queue in a thread of this process (rank 0, queue.embedded), resumed at cursor/version."""
-        from shared.queue_service import QueueThread
+        from shared.queue.service import QueueThread
 
         self._queue = QueueThread(cfg, open_prompt_source(cfg), cursor=cursor, initial_version=version)
 
@@ -440,7 +440,7 @@ class Controller:
 
     def _deregister(self, actor_id: int) -> None:
         """Mark a dead actor `left` in the weight group, so a rebuild waiting for it goes on without it."""
-        from actors.membership import mark_left
+        from actors.weight_sync import mark_left
 
         if mark_left(self.cfg.sync.master_addr, self.cfg.sync.master_port, actor_id):
             log.warning("actor %d is dead; marked it left in the weight group", actor_id)

@@ -14,7 +14,7 @@ Decisions:
   that pipeline around the saved vocabulary: a WordLevel char tokenizer silently loses its
   spaces and newlines that way. Characters outside the vocabulary (non-ASCII) are dropped.
 - Prompt format: the tokenizer's chat template writes each message's content followed by a
-  newline, so `shared.data.render_prompt` gives "Compute 3 + 4 * 5 - 2.\\n"; the model
+  newline, so `shared.data.records.render_prompt` gives "Compute 3 + 4 * 5 - 2.\\n"; the model
   continues with the worked solution, then EOS. The format is also recorded in
   `vapo_tiny_model.json`.
 - Architecture: Qwen2, 2 layers, hidden 128, 4 heads of head_dim 32 (vLLM's CPU attention
@@ -69,7 +69,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
-from shared.tasks import arithmetic
+from shared.data.tasks import arithmetic
 
 BUILDER_VERSION = 3
 """Bump when the recipe changes in a way the settings do not show; it is part of the cache key."""

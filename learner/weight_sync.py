@@ -16,7 +16,7 @@ leave the old group and join the new one.
 Push: `push(named_tensors, version)` takes (Hugging Face name, full unsharded tensor) pairs,
 the names vLLM's `load_weights` understands, and streams them in buckets of at most
 `bucket_bytes` (a larger tensor travels alone), each as two broadcasts (sizes, then one uint8
-buffer holding the msgpack header and the tensors' bytes; see `shared.weight_protocol`), then
+buffer holding the msgpack header and the tensors' bytes; see `shared.weights.protocol`), then
 an empty final bucket. One flattened buffer per bucket keeps the number of collectives low;
 memory beyond the model stays bounded by one bucket. The receivers must be inside
 `receive_weights` while a push runs: the actor loop enters it when the learner announces a new
@@ -31,7 +31,7 @@ ValueError before its bucket is sent, but possibly after earlier buckets; the re
 fail on their timeout, as they do when the sender dies mid-push.
 
 Membership: `MembershipManager` is learner rank 0's side of the protocol in
-`shared.weight_protocol` (the contract, with `actors.membership`). It owns a `WeightSender`
+`shared.weights.protocol` (the contract, with `actors.weight_sync`). It owns a `WeightSender`
 started without a group (the store must be up before any actor can register) and, at every
 `push`, reads the registrations, rebuilds the group when they changed or the last push failed
 (two-phase: every listed actor must say `ready` within `join_timeout_s`, else it is dropped
@@ -69,9 +69,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shared import weight_protocol as wp
 from shared.config import SyncConfig
-from shared.weight_group import broadcast_from_root, make_weight_group
+from shared.weights import protocol as wp
+from shared.weights.group import broadcast_from_root, make_weight_group
 
 log = logging.getLogger("vapo.weight_sync")
 _READY_POLL_S = 0.25

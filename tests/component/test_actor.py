@@ -36,10 +36,9 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from actors.membership import WeightFollower, mark_left
+from actors.weight_sync import WeightFollower, mark_left
 from deploy.doctor import free_port, hf_logprobs, perturb_
 from learner.weight_sync import MembershipManager
-from shared import weight_protocol as wp
 from shared.config import (
     ActorConfig,
     LearnerConfig,
@@ -50,10 +49,11 @@ from shared.config import (
     VapoConfig,
     to_yaml,
 )
-from shared.data import PromptSource, load_records
-from shared.queue_client import ClientSettings, LearnerClient
-from shared.queue_service import serve
+from shared.data.records import PromptSource, load_records
+from shared.queue.client import ClientSettings, LearnerClient
+from shared.queue.service import serve
 from shared.types import RolloutGroup
+from shared.weights import protocol as wp
 
 HOST = "127.0.0.1"
 SPAWN = multiprocessing.get_context("spawn")

@@ -202,8 +202,8 @@ def test_actor_loop_takes_part_in_a_push_mid_round(random_engine, random_model_d
     """ActorLoop._generate with update_mode=during and a real follower; the learner's push is waiting when it starts."""
     from transformers import AutoTokenizer
 
-    from actors.membership import WeightFollower
     from actors.rollout import score_round
+    from actors.weight_sync import WeightFollower
 
     live = random_engine
     tokenizer = AutoTokenizer.from_pretrained(random_model_dir)

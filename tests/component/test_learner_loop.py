@@ -22,9 +22,9 @@ import torch
 from learner import checkpoint
 from learner.main import run_learner, sigterm_sets
 from shared.config import VapoConfig, load_config
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient
-from shared.queue_service import serve
-from shared.tracking import Tracker, metric_history
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient
+from shared.queue.service import serve
+from shared.tracking.tracker import Tracker, metric_history
 from shared.types import make_group
 from tests.component.test_queue_support import ListSource, free_port
 

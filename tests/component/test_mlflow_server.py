@@ -29,8 +29,15 @@ import pytest
 
 from deploy.cli import main as vapo
 from shared.config import flatten, load_config, to_yaml
-from shared.plots import OVERVIEW_FILE, PANELS
-from shared.tracking import Tracker, download_artifact, metric_history, run_artifacts, run_metric_keys, run_params
+from shared.tracking.plots import OVERVIEW_FILE, PANELS
+from shared.tracking.tracker import (
+    Tracker,
+    download_artifact,
+    metric_history,
+    run_artifacts,
+    run_metric_keys,
+    run_params,
+)
 from tests.component.test_queue_support import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

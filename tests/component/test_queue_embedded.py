@@ -20,8 +20,8 @@ from test_queue_support import make_cfg, synthetic_group
 
 from deploy import launch
 from shared.config import DataConfig
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient
-from shared.queue_service import QueueThread
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient
+from shared.queue.service import QueueThread
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from test_queue_support import (
 )
 
 from shared import wire
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient
-from shared.transport import Requester
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient
+from shared.queue.transport import Requester
 from shared.types import Lease, QueueStats
 
 RNG = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import time
 
 from test_queue_support import ActorPlan, ListSource, actors, drain, make_cfg, queue_thread
 
-from shared.queue_client import ClientSettings, LearnerClient
+from shared.queue.client import ClientSettings, LearnerClient
 
 
 def test_actor_processes_feed_full_batches_with_the_identity_holding_throughout() -> None:

@@ -15,8 +15,8 @@ import zmq
 from test_queue_support import ListSource, make_cfg, queue_thread, synthetic_group
 
 from shared import wire
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient
-from shared.transport import Requester
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient
+from shared.queue.transport import Requester
 from shared.types import Lease
 
 LIMIT = 1 << 20

@@ -14,8 +14,8 @@ import zmq
 from test_queue_support import ListSource, make_cfg, queue_thread, start_service_process, synthetic_group
 
 from shared import wire
-from shared.queue_client import ActorClient, ClientSettings, LearnerClient
-from shared.transport import Requester
+from shared.queue.client import ActorClient, ClientSettings, LearnerClient
+from shared.queue.transport import Requester
 from shared.types import Lease, RolloutGroup
 
 RNG = np.random.default_rng(0)

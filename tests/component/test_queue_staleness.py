@@ -6,7 +6,7 @@ import time
 
 from test_queue_support import ActorPlan, ListSource, actors, drain, make_cfg, queue_thread
 
-from shared.queue_client import ClientSettings, LearnerClient
+from shared.queue.client import ClientSettings, LearnerClient
 
 
 def test_max_staleness_zero_alternates_generation_and_training() -> None:

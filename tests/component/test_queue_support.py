@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from shared.config import AlgoConfig, LearnerConfig, QueueConfig, RolloutConfig, VapoConfig
-from shared.queue_client import ActorClient, ClientSettings
-from shared.queue_service import QueueThread, serve
+from shared.queue.client import ActorClient, ClientSettings
+from shared.queue.service import QueueThread, serve
 from shared.types import Lease, RolloutGroup, make_group
 
 SPAWN = mp.get_context("spawn")

@@ -14,8 +14,8 @@ import pytest
 
 from learner import tiny_model
 from learner.tiny_model import TinyModelSpec, build_tiny_model, read_metadata
-from shared.data import PromptRecord, render_prompt
-from shared.tasks import arithmetic
+from shared.data.records import PromptRecord, render_prompt
+from shared.data.tasks import arithmetic
 
 # A recipe that builds in seconds: for the cache and file-layout checks, not for accuracy.
 MICRO_SPEC = TinyModelSpec(num_train_problems=64, num_eval_problems=4, batch_size=8, max_steps=2, eval_every=1,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from deploy.cli import main as vapo
-from shared.plots import OVERVIEW_FILE, PANELS, write_plots
-from shared.tracking import download_artifact, run_artifacts
+from shared.tracking.plots import OVERVIEW_FILE, PANELS, write_plots
+from shared.tracking.tracker import download_artifact, run_artifacts
 from tests.component.test_queue_support import free_port
 
 
@@ -37,7 +37,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, uri: str, run_i
     from learner.final_artifacts import log_final_artifacts
     from learner.model import shard
     from shared.config import load_config
-    from shared.tracking import Tracker
+    from shared.tracking.tracker import Tracker
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     policy = _perturbed_policy(model_dir)
@@ -98,7 +98,7 @@ def test_report_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_policy_upload_can_be_switched_off(random_model_dir: Path, tmp_path: Path) -> None:
     from learner.final_artifacts import log_final_artifacts
     from shared.config import load_config
-    from shared.tracking import Tracker
+    from shared.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config([], [f"tracking.tracking_uri={uri}", "tracking.log_policy=false"])
@@ -115,7 +115,7 @@ def test_trackers_in_one_process_keep_their_own_stores(tmp_path: Path, monkeypat
     import os
 
     from shared.config import load_config
-    from shared.tracking import Tracker, metric_history
+    from shared.tracking.tracker import Tracker, metric_history
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = []
@@ -137,7 +137,7 @@ def test_a_resume_continues_the_recorded_run_and_the_last_value_of_a_step_counts
     import time
 
     from shared.config import load_config
-    from shared.tracking import RUN_RECORD, Tracker, metric_history, record_run, recorded_run, run_artifacts
+    from shared.tracking.tracker import RUN_RECORD, Tracker, metric_history, record_run, recorded_run, run_artifacts
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"

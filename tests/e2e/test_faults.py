@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from learner import checkpoint
-from shared.tracking import metric_history
+from shared.tracking.tracker import metric_history
 from tests.component.conftest import SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
 from tests.component.test_queue_support import free_port
 

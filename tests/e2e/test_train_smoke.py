@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from deploy.cli import main as vapo
-from shared.plots import OVERVIEW_FILE, PANELS
-from shared.tracking import download_artifact, metric_history, run_artifacts, run_metric_keys
+from shared.tracking.plots import OVERVIEW_FILE, PANELS
+from shared.tracking.tracker import download_artifact, metric_history, run_artifacts, run_metric_keys
 from tests.component.conftest import SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
 from tests.component.test_queue_support import free_port
 

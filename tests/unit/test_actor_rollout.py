@@ -1,4 +1,4 @@
-"""actors.rollout and shared.reward.overlong_penalty: prompt tokens, rewards and the groups an actor submits."""
+"""actors.rollout and the overlong penalty of shared.reward: prompt tokens, rewards and the groups an actor submits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from actors.rollout import Round, prompt_ids, response_reward, score_round
 from learner.algo.rewards import overlong_penalty as overlong_penalty_tensor
 from shared.config import RewardConfig
-from shared.reward import overlong_penalty
+from shared.reward.math_verifier import overlong_penalty
 from shared.types import Lease
 
 

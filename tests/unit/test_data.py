@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from shared.data import PromptRecord, PromptSource, load_records, render_prompt
-from shared.tasks import arithmetic
+from shared.data.records import PromptRecord, PromptSource, load_records, render_prompt
+from shared.data.tasks import arithmetic
 
 
 def _write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -9,7 +9,7 @@ import pytest
 
 from actors.evaluate import score_samples
 from shared.config import RewardConfig
-from shared.data import PromptRecord
+from shared.data.records import PromptRecord
 
 
 @dataclass

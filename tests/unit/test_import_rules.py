@@ -14,13 +14,22 @@ PACKAGES = ("shared", "learner", "actors", "deploy")
 HEAVY = ("zmq", "ray", "vllm", "mlflow", "torch.distributed")
 
 # Modules that must stay pure: no sockets, no cluster, no engine, no tracking, no collectives.
-PURE = ("learner/algo/", "shared/config.py", "shared/wire.py", "shared/types.py", "shared/reward.py", "shared/tasks/")
+PURE = (
+    "learner/algo/",
+    "shared/config.py",
+    "shared/wire.py",
+    "shared/types.py",
+    "shared/queue/state.py",
+    "shared/weights/protocol.py",
+    "shared/reward/",
+    "shared/data/",
+)
 
 # The thin modules that own each heavy library (a prefix of the module path).
 OWNERS = {
-    "zmq": ("shared/transport",),
-    "ray": ("deploy/launch.py",),
-    "mlflow": ("shared/tracking.py",),
+    "zmq": ("shared/queue/transport.py",),
+    "ray": ("deploy/",),
+    "mlflow": ("shared/tracking/",),
     "vllm": ("actors/engine.py", "actors/weight_receiver.py"),
 }
 

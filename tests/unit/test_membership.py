@@ -1,4 +1,4 @@
-"""shared.weight_protocol membership: rank assignment, eligibility, rebuild decisions, record and spec encodings."""
+"""shared.weights.protocol membership: rank assignment, eligibility, rebuild decisions, record and spec encodings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import msgpack
 import pytest
 
-from shared import weight_protocol as wp
+from shared.weights import protocol as wp
 
 
 def _m(actor_id: int, num_workers: int = 1, incarnation: int = 7, epoch: int = 1, state: str = "active") -> wp.Member:

@@ -1,4 +1,4 @@
-"""shared/queue_state.py: accounting identity, admission control, staleness gate, filter, expiry, cursor."""
+"""shared/queue/state.py: accounting identity, admission control, staleness gate, filter, expiry, cursor."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from shared.queue_state import QueueState
+from shared.queue.state import QueueState
 from shared.types import Lease
 
 G = 4  # responses per group
@@ -24,7 +24,7 @@ class Record:
 
 
 class ListSource:
-    """A finite prompt list with a resumable position (the shape of shared/data.py's PromptSource)."""
+    """A finite prompt list with a resumable position (the shape of shared/data/records.py's PromptSource)."""
 
     def __init__(self, num: int) -> None:
         self.records = [Record(f"q{i}", str(i), "arith", i) for i in range(num)]

@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared import reward
-from shared.reward import RewardResult, extract_answer, normalize_answer, score
+from shared.reward import math_verifier
+from shared.reward.math_verifier import RewardResult, extract_answer, normalize_answer, score
 
 # The math-verify child takes ~1.5 s to import sympy; start it while pytest collects the other modules.
-reward.warm_up()
+math_verifier.warm_up()
 
 MB = 1 << 20
 
@@ -228,9 +228,9 @@ def test_overrunning_verification_is_wrong_and_the_next_call_still_works() -> No
     """About 2 s: it pays one restart of the math-verify child. Thirty nested parentheses take seconds to parse."""
     nested = "(" * 30 + "1" + ")" * 30
     assert score("\\boxed{\\sqrt{4}}", "2").correct  # the child is up
-    pid_before = reward._VERIFIER._proc.pid if reward._VERIFIER._proc else None
+    pid_before = math_verifier._VERIFIER._proc.pid if math_verifier._VERIFIER._proc else None
     with ThreadPoolExecutor(max_workers=1) as pool:  # off the main thread, as the actor scores
         result = pool.submit(score, f"Answer: {nested}", "1", timeout_s=0.5).result()
     assert result == RewardResult(-1.0, False, nested)
-    assert reward._VERIFIER._proc is not None and reward._VERIFIER._proc.pid != pid_before
+    assert math_verifier._VERIFIER._proc is not None and math_verifier._VERIFIER._proc.pid != pid_before
     assert score("\\boxed{\\sqrt{4}}", "2").correct

@@ -9,8 +9,8 @@ import operator
 
 import pytest
 
-from shared.tasks import arithmetic
-from shared.tasks.arithmetic import Problem, extract_answer, generate, make_problem, solve
+from shared.data.tasks import arithmetic
+from shared.data.tasks.arithmetic import Problem, extract_answer, generate, make_problem, solve
 
 
 def _python_value(prompt: str) -> int:
@@ -125,11 +125,11 @@ def test_problem_is_frozen() -> None:
 
 
 def test_the_run_verifier_accepts_every_worked_solution() -> None:
-    reward = pytest.importorskip("shared.reward")
+    math_verifier = pytest.importorskip("shared.reward.math_verifier")
     for problem in generate(50, seed=9):
-        assert reward.score(problem.solution, problem.ground_truth).correct
+        assert math_verifier.score(problem.solution, problem.ground_truth).correct
         wrong = problem.solution.rsplit("Answer:", 1)[0] + f"Answer: {int(problem.ground_truth) + 1}"
-        assert not reward.score(wrong, problem.ground_truth).correct
+        assert not math_verifier.score(wrong, problem.ground_truth).correct
 
 
 def test_parse_prompt_inverts_the_prompt_and_refuses_other_text() -> None:

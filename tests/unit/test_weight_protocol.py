@@ -1,11 +1,11 @@
-"""shared.weight_protocol: bucket layout, grouping, header round trip and the header's validation."""
+"""shared.weights.protocol: bucket layout, grouping, header round trip and the header's validation."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
 
-from shared import weight_protocol as wp
+from shared.weights import protocol as wp
 
 
 def _header(tensors: list[tuple[str, str, list[int]]], *, version: int = 3, index: int = 0) -> wp.BucketHeader:

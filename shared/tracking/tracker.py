@@ -20,7 +20,7 @@ crash are logged again by the resumed run; `metric_history` keeps, per step, the
 last. Otherwise (no record, another store, the run gone or deleted) a new run starts, with the reason
 in the log.
 
-End of run: `log_plots` draws the training curves (`shared.plots`) from the run's own logged
+End of run: `log_plots` draws the training curves (`shared.tracking.plots`) from the run's own logged
 history, the same input `vapo report` uses, so a resumed run's plots cover all its steps.
 
 Store: `tracking.tracking_uri` (default a local SQLite file); a `MLFLOW_TRACKING_URI` in the
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import VapoConfig, flatten, to_yaml
-from shared.plots import PLOT_KEYS, write_plots
+from shared.tracking.plots import PLOT_KEYS, write_plots
 
 _URI_ENV = "MLFLOW_TRACKING_URI"
 RUN_RECORD = "mlflow_run.json"

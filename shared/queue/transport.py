@@ -2,7 +2,7 @@
 
 Owns sockets, the request envelope, the optional HMAC, retries and reconnects. Knows
 nothing of what the messages mean (that is `shared/wire.py`) nor of leases and batches
-(`shared/queue_service.py`). Messages are lists of buffers, sent with copy=False.
+(`shared/queue/service.py`). Messages are lists of buffers, sent with copy=False.
 
 Sockets.
 - `Server` binds a ROUTER for requests and a PUB for broadcasts. Rollouts travel only over

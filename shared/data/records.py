@@ -116,7 +116,7 @@ def _builtin_records(task: str, *, split: str, num: int | None, seed: int) -> li
         raise ValueError(f"unknown built-in task {task!r}; known: {known}")
     if num is None:
         raise ValueError(f"{BUILTIN_PREFIX}{task}: num (the number of problems to generate) is required")
-    from shared.tasks import arithmetic
+    from shared.data.tasks import arithmetic
 
     problems = arithmetic.generate(num, seed, split)
     return [PromptRecord(p.prompt, p.ground_truth, p.data_source, i) for i, p in enumerate(problems)]

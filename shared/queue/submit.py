@@ -1,8 +1,8 @@
 """An actor's submits to the replay queue, pipelined: many in flight, none waiting a round trip per group.
 
-Owns the submit side of `ActorClient` (`shared/queue_client.py`): which groups are in which
+Owns the submit side of `ActorClient` (`shared/queue/client.py`): which groups are in which
 request, their statuses, `busy` resends. Imports no zmq (the `Requester` of
-`shared/transport.py` owns the socket and the at-most-once resends); used from one thread.
+`shared/queue/transport.py` owns the socket and the at-most-once resends); used from one thread.
 
 Design.
 - A window: at most `max_in_flight` submit requests, and (beyond the first) at most
@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.transport import Requester
+from shared.queue.transport import Requester
 from shared.types import RolloutGroup
 from shared.wire import Buffer, EncodedGroup, WireError, decode, encode, encode_group, encoded_nbytes
 

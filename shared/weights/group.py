@@ -1,7 +1,7 @@
 """The weight-broadcast process group both sides build, and the one collective they run on it: used by
 the learner's sender and the actors' receiver.
 
-Not pure (it imports torch.distributed), so it stays out of `shared/weight_protocol.py`. The group
+Not pure (it imports torch.distributed), so it stays out of `shared/weights/protocol.py`. The group
 is built directly on a store, apart from the default torch.distributed world (vLLM owns that one
 in the actor's workers, FSDP in the learner).
 """

@@ -1,7 +1,7 @@
 """The replay queue service: one loop that answers actors and the learner and broadcasts state.
 
-Owns the glue between the sockets (`shared/transport.py`), the bytes (`shared/wire.py`) and
-the bookkeeping (`shared/queue_state.py`). Imports no zmq itself. Runs as its own process
+Owns the glue between the sockets (`shared/queue/transport.py`), the bytes (`shared/wire.py`) and
+the bookkeeping (`shared/queue/state.py`). Imports no zmq itself. Runs as its own process
 (`vapo queue`) or in a thread of learner rank 0 (`QueueThread`, the launcher's default,
 `queue.embedded`): the learner's client then talks to it over inproc, so a batch reaches the
 learner without a copy and rollouts cross the network once, from the actor into this process.
@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import VapoConfig
-from shared.queue_state import PromptSourceLike, QueueState
-from shared.transport import Request, Server, load_secret
+from shared.queue.state import PromptSourceLike, QueueState
+from shared.queue.transport import Request, Server, load_secret
 from shared.types import QueueStats
 from shared.wire import WireError, decode, encode, group_nbytes, lease_to_wire, stats_to_wire
 
@@ -240,7 +240,7 @@ class QueueService:
         return stats
 
     def cursor_state(self) -> dict[str, Any]:
-        """The prompt cursor to checkpoint (see `shared/queue_state.py`)."""
+        """The prompt cursor to checkpoint (see `shared/queue/state.py`)."""
         return self.state.cursor_state()
 
     def _close(self) -> QueueStats:

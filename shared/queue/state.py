@@ -1,7 +1,7 @@
 """The replay queue's bookkeeping: prompt leases, admission control, staleness gate, filter, cursor.
 
 Pure: no sockets, no clocks (every call takes `now`), no decoding (a queued group is an
-opaque payload with its version, size and correctness flags). `shared/queue_service.py`
+opaque payload with its version, size and correctness flags). `shared/queue/service.py`
 drives it from the socket loop; the unit tests drive it directly.
 
 Accounting, in prompts (one prompt = one lease = at most one group). Every lease ends in

@@ -1,6 +1,6 @@
 """An actor's side of the weight-group membership protocol: registration, and taking part in the pushes.
 
-The contract is in `shared.weight_protocol` (module note, "Membership"); the learner's side is
+The contract is in `shared.weights.protocol` (module note, "Membership"); the learner's side is
 `learner.weight_sync.MembershipManager`. This module owns the actor's TCPStore client of the
 learner's store (on `sync.master_port`) and decides, between generation rounds, whether the
 latest group spec asks this actor to receive a push:
@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from shared import weight_protocol as wp
+from shared.weights import protocol as wp
 
 log = logging.getLogger("vapo.actor.membership")
 _RETRY_S = 0.5

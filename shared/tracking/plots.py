@@ -1,9 +1,9 @@
 """Training curves as PNG files, in the manner of the VAPO paper's Figure 2.
 
 Owns the one plotting function used both at the end of a run (the learner's rank 0 uploads the
-PNGs to the run under `plots/`, through `shared.tracking.Tracker.log_plots`) and by
+PNGs to the run under `plots/`, through `shared.tracking.tracker.Tracker.log_plots`) and by
 `vapo report RUN_ID`, so the two always draw the same figures from the same input: a run's
-metric history `{key: [(step, value), ...]}` as `shared.tracking.metric_history` returns it.
+metric history `{key: [(step, value), ...]}` as `shared.tracking.tracker.metric_history` returns it.
 Imports no mlflow (the history is plain data) and nothing of learner, actors or deploy.
 
 Panels: reward, accuracy, response length, entropy and version lag (mean and max) over training

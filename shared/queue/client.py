@@ -1,7 +1,7 @@
 """Clients of the replay queue: `ActorClient` (leases, groups, heartbeats) and `LearnerClient` (batches, version).
 
-Owns the request side of the protocol in `shared/queue_service.py`. Imports no zmq (the
-`Requester`/`Subscriber` of `shared/transport.py` own the sockets). A client is used from
+Owns the request side of the protocol in `shared/queue/service.py`. Imports no zmq (the
+`Requester`/`Subscriber` of `shared/queue/transport.py` own the sockets). A client is used from
 one thread; the optional heartbeat thread has its own socket.
 
 Failure modes.
@@ -15,7 +15,7 @@ Failure modes.
 - A rejected message (`error` reply) raises WireError with the queue's reason; it is not
   resent. For a submit (`submit` or `send`) it becomes each of its groups' status instead
   (`rejected:<reason>`).
-- Pipelined submits (`ActorClient.send`, `shared/submit_pipeline.py`): up to
+- Pipelined submits (`ActorClient.send`, `shared/queue/submit.py`): up to
   `max_in_flight` submit requests (and `max_in_flight_bytes` of groups) travel at once, so an
   actor does not wait a round trip per group; groups sent while the window is full go out
   together. Every group gets its own final status. Closing the client abandons what is still
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import VapoConfig
-from shared.submit_pipeline import DEFAULT_IN_FLIGHT_BYTES, SubmitPipeline
-from shared.transport import Requester, Subscriber, endpoint, inproc_endpoints, load_secret
+from shared.queue.submit import DEFAULT_IN_FLIGHT_BYTES, SubmitPipeline
+from shared.queue.transport import Requester, Subscriber, endpoint, inproc_endpoints, load_secret
 from shared.types import LeaseReply, QueueStats, RolloutGroup
 from shared.wire import Buffer, Message, WireError, decode, encode
 
@@ -154,7 +154,7 @@ class ActorClient(_Client):
         While `max_in_flight` submits (or `max_in_flight_bytes` of groups) are unanswered, groups
         wait in the client and go out together when a reply frees the window; `send` blocks only
         while half a message's worth waits. A `busy` group is resent after the queue's hint until
-        `timeout_s` (None: no limit), then its final status is `busy`. See `shared/submit_pipeline.py`.
+        `timeout_s` (None: no limit), then its final status is `busy`. See `shared/queue/submit.py`.
         """
         return self._pipeline.send(groups, timeout_s=timeout_s)
 

@@ -25,7 +25,7 @@ dtype, or whose offsets do not fit the buffer raises ValueError on the receiver.
 
 Membership (who is in the broadcast group). The set of actors changes while a run goes on,
 so the learner (`learner.weight_sync.MembershipManager`) and each actor
-(`actors.membership.WeightFollower`) agree on it through the learner's TCPStore on
+(`actors.weight_sync.WeightFollower`) agree on it through the learner's TCPStore on
 `sync.master_port`, which stays up across group generations. Keys (raw store keys, no prefix):
 - `members/<actor_id>`: a `Member` record written by the actor: its number of workers (its
   TP size, one rank each), its incarnation (random per process) and a registration epoch, and

@@ -36,7 +36,7 @@ Decisions:
 - The alphabet is `ALPHABET` (digits, ` +-*=.:\\n` and the letters of "Compute" and
   "Answer"), so a char-level tokenizer stays tiny.
 
-The export helpers write the row format users bring their own data in (see shared/data.py):
+The export helpers write the row format users bring their own data in (see shared/data/records.py):
 `{"prompt", "ground_truth", "data_source"}` per row, jsonl or parquet.
 """
 
@@ -181,7 +181,7 @@ def slipped_solution(problem: Problem, rng: random.Random, slip_prob: float, max
 def extract_answer(response: str) -> str | None:
     """The text after the last `Answer:` line of a response, stripped; None if there is none.
 
-    A task-local check for builders and tests; the run's verifier is shared/reward.py.
+    A task-local check for builders and tests; the run's verifier is shared/reward/math_verifier.py.
     """
     for line in reversed(response.splitlines()):
         if line.startswith("Answer:"):
