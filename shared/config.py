@@ -19,10 +19,18 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any  # noqa: UP035  (omegaconf needs typing generics)
+from typing import Any, Literal, get_args  # noqa: UP035  (omegaconf needs typing generics)
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_BACKENDS = ("auto", "gloo", "nccl")
+# The closed sets of string settings. omegaconf (>= 2.4) checks a Literal field when a YAML file or an
+# override is merged, and `_choice` checks the same set in `__post_init__` for configs built in code.
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+Backend = Literal["auto", "gloo", "nccl"]
+Estimator = Literal["gae", "grpo"]
+LossAgg = Literal["token", "sequence"]
+KlEstimator = Literal["k1", "k2", "k3"]
+LrSchedule = Literal["constant", "cosine"]
+UpdateMode = Literal["between", "during"]
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -31,7 +39,8 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ValueError(f"config: {key} {message}")
 
 
-def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+def _choice(value: str, key: str, literal: Any) -> None:
+    choices = get_args(literal)
     _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
@@ -55,19 +64,19 @@ class ModelConfig:
     """Policy: a Hugging Face directory or hub id; `builtin:tiny` is the tiny model `vapo make-tiny-model` builds."""
     value_path: str | None = None
     """Value model initialisation; None copies the policy weights (the paper uses a reward model)."""
-    dtype: str = "bfloat16"
+    dtype: Dtype = "bfloat16"
     """Parameter dtype on GPU (float32, bfloat16, float16); CPU runs always use float32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (activation checkpointing) to save memory."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path", "must not be empty")
-        _choice(self.dtype, "model.dtype", _DTYPES)
+        _choice(self.dtype, "model.dtype", Dtype)
 
 
 @dataclass
 class AlgoConfig:
-    estimator: str = "gae"
+    estimator: Estimator = "gae"
     """Advantage estimator: `gae` (critic, VAPO/PPO) or `grpo` (group-normalised scores, no critic: GRPO, DAPO)."""
     gamma: float = 1.0
     """Discount factor; VAPO uses 1."""
@@ -89,7 +98,7 @@ class AlgoConfig:
     """PPO ratio clip above (clip-higher): r <= 1 + clip_high."""
     dual_clip: float | None = None
     """Dual-clip bound c > 1 for negative advantages; None disables it."""
-    loss_agg: str = "token"
+    loss_agg: LossAgg = "token"
     """Loss aggregation: `token` (sum over the mini-batch's valid tokens / their global count) or `sequence`."""
     nll_coef: float = 0.1
     """Weight mu of the positive-example LM loss (NLL on responses judged correct); 0 disables it."""
@@ -99,7 +108,7 @@ class AlgoConfig:
     """Value clipping range around the old values; None disables it."""
     kl_coef: float = 0.0
     """Coefficient of the KL-to-reference loss; 0 disables it (and the reference model)."""
-    kl_estimator: str = "k3"
+    kl_estimator: KlEstimator = "k3"
     """KL estimator for the KL loss: k1, k2 or k3."""
     kl_clamp: float | None = 10.0
     """Per-token bound of the KL estimate, [-kl_clamp, kl_clamp] (verl's low_var_kl: 10); null leaves it unbounded."""
@@ -119,7 +128,7 @@ class AlgoConfig:
     """With dynamic sampling: extra leasing rounds allowed per step before a short batch is accepted."""
 
     def __post_init__(self) -> None:
-        _choice(self.estimator, "algo.estimator", ("gae", "grpo"))
+        _choice(self.estimator, "algo.estimator", Estimator)
         _in_range(self.gamma, "algo.gamma", 0.0, 1.0)
         _in_range(self.lambda_critic, "algo.lambda_critic", 0.0, 1.0)
         _in_range(self.lambda_policy, "algo.lambda_policy", 0.0, 1.0)
@@ -129,13 +138,13 @@ class AlgoConfig:
         _non_negative(self.clip_high, "algo.clip_high")
         if self.dual_clip is not None:
             _require(self.dual_clip > 1.0, "algo.dual_clip", f"must be > 1 (or null); got {self.dual_clip}")
-        _choice(self.loss_agg, "algo.loss_agg", ("token", "sequence"))
+        _choice(self.loss_agg, "algo.loss_agg", LossAgg)
         _non_negative(self.nll_coef, "algo.nll_coef")
         _non_negative(self.value_pretrain_steps, "algo.value_pretrain_steps")
         if self.value_clip is not None:
             _positive(self.value_clip, "algo.value_clip")
         _non_negative(self.kl_coef, "algo.kl_coef")
-        _choice(self.kl_estimator, "algo.kl_estimator", ("k1", "k2", "k3"))
+        _choice(self.kl_estimator, "algo.kl_estimator", KlEstimator)
         if self.kl_clamp is not None:
             _positive(self.kl_clamp, "algo.kl_clamp")
         _non_negative(self.entropy_coef, "algo.entropy_coef")
@@ -206,9 +215,9 @@ class RolloutConfig:
 class LearnerConfig:
     num_ranks: int = 1
     """Learner processes (FSDP ranks); independent of the number of actors."""
-    device: str = "auto"
+    device: Device = "auto"
     """`cuda`, `cpu` or `auto` (CUDA when available)."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Collective backend of the learner ranks: gloo, nccl, or auto (nccl on CUDA, else gloo)."""
     mini_batch_size: int = 512
     """Responses per optimiser step (the paper's mini-batch 512)."""
@@ -224,7 +233,7 @@ class LearnerConfig:
     """AdamW learning rate of the value model."""
     warmup_steps: int = 10
     """Linear learning-rate warm-up steps (optimiser steps), then `lr_schedule`."""
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
     """After warm-up: `constant` (VAPO) or `cosine` decay to `min_lr_ratio` x lr at `total_steps`."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine schedule as a share of each model's learning rate."""
@@ -245,8 +254,8 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         _positive(self.num_ranks, "learner.num_ranks")
-        _choice(self.device, "learner.device", ("auto", "cpu", "cuda"))
-        _choice(self.backend, "learner.backend", _BACKENDS)
+        _choice(self.device, "learner.device", Device)
+        _choice(self.backend, "learner.backend", Backend)
         _positive(self.mini_batch_size, "learner.mini_batch_size")
         _positive(self.ppo_epochs, "learner.ppo_epochs")
         _positive(self.micro_batch_tokens, "learner.micro_batch_tokens")
@@ -254,7 +263,7 @@ class LearnerConfig:
         _positive(self.actor_lr, "learner.actor_lr")
         _positive(self.critic_lr, "learner.critic_lr")
         _non_negative(self.warmup_steps, "learner.warmup_steps")
-        _choice(self.lr_schedule, "learner.lr_schedule", ("constant", "cosine"))
+        _choice(self.lr_schedule, "learner.lr_schedule", LrSchedule)
         _in_range(self.min_lr_ratio, "learner.min_lr_ratio", 0.0, 1.0)
         _non_negative(self.weight_decay, "learner.weight_decay")
         _require(len(self.adam_betas) == 2, "learner.adam_betas", f"must have two entries; got {self.adam_betas}")
@@ -280,7 +289,7 @@ class ActorConfig:
     """Prompts an actor leases per request; enough to keep its engine saturated."""
     enforce_eager: bool = False
     """Disable CUDA graphs in vLLM (always eager on CPU)."""
-    update_mode: str = "between"
+    update_mode: UpdateMode = "between"
     """When actors apply new weights: `between` generation rounds, or `during` them (pause, load, resume)."""
 
     def __post_init__(self) -> None:
@@ -293,7 +302,7 @@ class ActorConfig:
         )
         _positive(self.max_num_seqs, "actors.max_num_seqs")
         _positive(self.prompts_per_lease, "actors.prompts_per_lease")
-        _choice(self.update_mode, "actors.update_mode", ("between", "during"))
+        _choice(self.update_mode, "actors.update_mode", UpdateMode)
 
 
 @dataclass
@@ -340,7 +349,7 @@ class QueueConfig:
 
 @dataclass
 class SyncConfig:
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Weight-broadcast backend: nccl on GPU, gloo on CPU, auto picks."""
     master_addr: str = "127.0.0.1"
     """Address of learner rank 0's TCPStore for the broadcast group."""
@@ -354,7 +363,7 @@ class SyncConfig:
     """Push weights (a new policy version) every this many learner steps."""
 
     def __post_init__(self) -> None:
-        _choice(self.backend, "sync.backend", _BACKENDS)
+        _choice(self.backend, "sync.backend", Backend)
         _in_range(self.master_port, "sync.master_port", 1, 65535)
         _positive(self.bucket_mb, "sync.bucket_mb")
         _positive(self.timeout_s, "sync.timeout_s")
@@ -499,6 +508,22 @@ class VapoConfig:
                 "reward.overlong_max_len",
                 f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})",
             )
+
+
+def resolve_auto(cfg: VapoConfig, cuda_available: bool) -> VapoConfig:
+    """`cfg` with every `auto` device and backend made concrete for a process that does or does not see CUDA.
+
+    learner.device: cuda when available, else cpu. learner.backend and sync.backend: nccl when the learner
+    runs on cuda, else gloo. The sync rule follows the learner's device (not only what this process sees), so
+    an actor and the learner that share a config pick the same weight-broadcast backend.
+    """
+    device = cfg.learner.device if cfg.learner.device != "auto" else ("cuda" if cuda_available else "cpu")
+    collective: Backend = "nccl" if device == "cuda" else "gloo"
+    learner = dataclasses.replace(
+        cfg.learner, device=device, backend=collective if cfg.learner.backend == "auto" else cfg.learner.backend
+    )
+    sync = dataclasses.replace(cfg.sync, backend=collective if cfg.sync.backend == "auto" else cfg.sync.backend)
+    return dataclasses.replace(cfg, learner=learner, sync=sync)
 
 
 # ---------------------------------------------------------------------------------------

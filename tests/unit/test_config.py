@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import VapoConfig, flatten, load_config, to_yaml
+from shared.config import AlgoConfig, VapoConfig, flatten, load_config, resolve_auto, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
@@ -112,6 +112,10 @@ def test_wrong_type_names_key_and_source() -> None:
         ("rollout.top_p=0", "rollout.top_p"),
         ("learner.mini_batch_size=7", "learner.mini_batch_size"),
         ("learner.lr_schedule=linear", "learner.lr_schedule"),
+        ("learner.device=tpu", "learner.device"),
+        ("sync.backend=mpi", "sync.backend"),
+        ("actors.update_mode=sometimes", "actors.update_mode"),
+        ("algo.kl_estimator=k4", "algo.kl_estimator"),
         ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio"),
         ("queue.port=70000", "queue.port"),
         ("actors.gpu_memory_utilization=1.5", "actors.gpu_memory_utilization"),
@@ -152,3 +156,19 @@ def test_yaml_round_trip() -> None:
     text = to_yaml(cfg)
     assert "clip_high: 0.28" in text
     assert flatten(cfg)["rollout.prompts_per_step"] == 16
+
+
+def test_a_closed_set_built_in_code_is_checked_too() -> None:
+    with pytest.raises(ValueError, match="algo.loss_agg must be one of token, sequence"):
+        AlgoConfig(loss_agg="tokens")  # type: ignore[arg-type]
+
+
+def test_auto_device_and_backends_resolve_once_for_both_sides() -> None:
+    cpu = resolve_auto(VapoConfig(), cuda_available=False)
+    assert (cpu.learner.device, cpu.learner.backend, cpu.sync.backend) == ("cpu", "gloo", "gloo")
+    gpu = resolve_auto(VapoConfig(), cuda_available=True)
+    assert (gpu.learner.device, gpu.learner.backend, gpu.sync.backend) == ("cuda", "nccl", "nccl")
+    cpu_learner = resolve_auto(load_config([], ["learner.device=cpu"]), cuda_available=True)
+    assert (cpu_learner.learner.backend, cpu_learner.sync.backend) == ("gloo", "gloo")  # the actors' too
+    pinned = resolve_auto(load_config([], ["learner.backend=gloo", "sync.backend=gloo"]), cuda_available=True)
+    assert (pinned.learner.device, pinned.learner.backend, pinned.sync.backend) == ("cuda", "gloo", "gloo")
