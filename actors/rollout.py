@@ -10,7 +10,8 @@ sockets, so it can be tested without either:
 - `score_round`: the verifier's reward per response (`shared.reward.math_verifier.score`, whose math-verify
   runs in a killable child process with its own time limit, so a hostile answer cannot stall
   scoring for longer than `reward.timeout_s`), plus the DAPO overlong penalty when enabled;
-  then one `RolloutGroup` per lease.
+  then one `RolloutGroup` per lease, yielded as soon as it is scored: the actor hands the
+  generator to its pipelined submit, so a group travels to the queue while the next is scored.
 
 Timing fields of a group: `gen_started_at` is when the round's generate call started;
 `gen_seconds` is the group's share of that call, in proportion to its response tokens (the
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,7 +38,7 @@ import numpy as np
 
 from shared.config import RewardConfig
 from shared.data.records import PromptRecord, render_prompt
-from shared.reward import math_verifier
+from shared.reward import math_verifier, shaping
 from shared.types import FINISH_REASONS, Lease, RolloutGroup, make_group
 
 log = logging.getLogger("vapo.actor")
@@ -91,14 +92,13 @@ def response_reward(text: str, num_tokens: int, ground_truth: str, cfg: RewardCo
                           timeout_s=cfg.timeout_s)
     value = result.score
     if cfg.overlong_penalty:
-        value += math_verifier.overlong_penalty(num_tokens, cfg.overlong_max_len, cfg.overlong_cache_len)
+        value += shaping.overlong_penalty(num_tokens, cfg.overlong_max_len, cfg.overlong_cache_len)
     return value, result.correct
 
 
-def score_round(rnd: Round, cfg: RewardConfig, actor_id: int) -> list[RolloutGroup]:
-    """One group per lease of the round, rewards included (see the module note for the timing fields)."""
+def score_round(rnd: Round, cfg: RewardConfig, actor_id: int) -> Iterator[RolloutGroup]:
+    """One group per lease of the round, rewards included, each yielded once scored (timing fields: module note)."""
     total = rnd.num_tokens
-    groups = []
     for lease, ids, samples in zip(rnd.leases, rnd.prompt_ids, rnd.samples, strict=True):
         t0 = time.perf_counter()
         try:
@@ -110,14 +110,13 @@ def score_round(rnd: Round, cfg: RewardConfig, actor_id: int) -> list[RolloutGro
         share = tokens / total if total else 1.0 / len(rnd.leases)
         for s in samples:
             assert s.finish_reason in FINISH_REASONS, f"unexpected finish reason {s.finish_reason!r}"
-        groups.append(make_group(
+        yield make_group(
             lease=lease, actor_id=actor_id, prompt_token_ids=ids,
             responses=[(s.token_ids, s.logprobs, _versions(s, rnd.version)) for s in samples],
             finish_reasons=[s.finish_reason for s in samples],
             rewards=[r for r, _ in scored], correct=[c for _, c in scored],
             gen_started_at=rnd.started_at, gen_seconds=rnd.gen_seconds * share,
-            reward_seconds=time.perf_counter() - t0))
-    return groups
+            reward_seconds=time.perf_counter() - t0)
 
 
 def _versions(sample: SampleLike, version: int) -> np.ndarray | int:

@@ -26,25 +26,29 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from learner.batching import Rollout  # noqa: E402
 from learner.model import ValueModel  # noqa: E402
 from learner.train_step import Learner  # noqa: E402
 from shared.config import load_config  # noqa: E402
+from shared.types import Lease, RolloutGroup, make_group  # noqa: E402
 
 VOCAB = 512
 
 
-def long_tailed_rollouts(num: int, seed: int) -> list[Rollout]:
-    """90% of responses 16-48 tokens, 10% 10x longer (160-480); groups of 8."""
+def long_tailed_groups(num: int, seed: int) -> list[RolloutGroup]:
+    """90% of responses 16-48 tokens, 10% 10x longer (160-480); groups of 8, prompts of 16 tokens."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(num):
-        n = int(rng.integers(16, 49)) if rng.random() < 0.9 else int(rng.integers(160, 481))
-        correct = bool(rng.random() < 0.4)
-        out.append(Rollout(rng.integers(3, VOCAB, 16), rng.integers(3, VOCAB, n),
-                           (-4.0 + 0.1 * rng.standard_normal(n)).astype(np.float32),
-                           1.0 if correct else -1.0, correct, i // 8, 0))
-    return out
+    groups = []
+    for g in range(num // 8):
+        responses, correct = [], []
+        for _ in range(8):
+            n = int(rng.integers(16, 49)) if rng.random() < 0.9 else int(rng.integers(160, 481))
+            correct.append(bool(rng.random() < 0.4))
+            responses.append((rng.integers(3, VOCAB, n), -4.0 + 0.1 * rng.standard_normal(n), 0))
+        groups.append(make_group(lease=Lease(g, g, "", "", "math", None, 0), actor_id=0,
+                                 prompt_token_ids=rng.integers(3, VOCAB, 16), responses=responses,
+                                 finish_reasons=["stop"] * 8, rewards=[1.0 if c else -1.0 for c in correct],
+                                 correct=correct))
+    return groups
 
 
 def make_learner(overrides: list[str]) -> Learner:
@@ -62,7 +66,7 @@ def make_learner(overrides: list[str]) -> Learner:
     return Learner(cfg, policy, value, None, pad_id=0, device=torch.device("cpu"))
 
 
-def run_arm(name: str, overrides: list[str], batches: list[list[Rollout]]) -> float:
+def run_arm(name: str, overrides: list[str], batches: list[list[RolloutGroup]]) -> float:
     learner = make_learner(overrides)
     learner.train_step(batches[0])  # warm-up
     tokens = seconds = 0.0
@@ -71,7 +75,7 @@ def run_arm(name: str, overrides: list[str], batches: list[list[Rollout]]) -> fl
         t0 = time.perf_counter()
         m = learner.train_step(batch)
         seconds += time.perf_counter() - t0
-        tokens += sum(r.length for r in batch)
+        tokens += sum(len(g.prompt_token_ids) * g.num_responses + g.num_tokens for g in batch)
         pad.append(m["train/padding_frac"])
     rate = tokens / seconds
     print(f"{name}: padding fraction {np.mean(pad):.3f}, train tokens/s {rate:,.0f}")
@@ -84,7 +88,7 @@ def main() -> None:
     parser.add_argument("--responses", type=int, default=64)
     parser.add_argument("--budgets", default="", help="comma-separated micro_batch_tokens to time as well")
     args = parser.parse_args()
-    batches = [long_tailed_rollouts(args.responses, seed) for seed in range(args.steps + 1)]
+    batches = [long_tailed_groups(args.responses, seed) for seed in range(args.steps + 1)]
     for b in (int(x) for x in args.budgets.split(",") if x):
         run_arm(f"token-budget ({b} tokens)", [f"learner.micro_batch_tokens={b}"], batches)
     budget = run_arm("token-budget (4096 tokens)", ["learner.micro_batch_tokens=4096"], batches)

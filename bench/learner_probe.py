@@ -38,10 +38,10 @@ import torch
 
 from actors.rollout import response_reward
 from learner import tiny_model
-from learner.batching import Rollout
 from learner.main import build_learner
 from shared.config import load_config
 from shared.data.tasks import arithmetic
+from shared.types import Lease, make_group
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SAMPLES = 4
@@ -111,15 +111,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = load_config([REPO / "configs" / "tiny_cpu.yaml"], args.overrides)
     model = args.model or str(tiny_model.default_tiny_model_dir())
     if not Path(model).is_dir():
         raise SystemExit(f"no model directory {model}; run `vapo make-tiny-model` first")
+    cfg = load_config([REPO / "configs" / "tiny_cpu.yaml"], [*args.overrides, f"model.path={model}"])
     tokenizer = tiny_model.build_tokenizer()
     tokenizer.padding_side = "left"
     held_out = arithmetic.generate(cfg.data.builtin_eval_size, 0, "test")
     max_new = cfg.rollout.max_new_tokens
-    learner = build_learner(cfg, model, torch.device("cpu"))
+    learner = build_learner(cfg, torch.device("cpu"))
     if args.eval_only:
         for t in (float(x) for x in args.temperatures.split(",")):
             print(f"temperature {t:g}: {evaluate(learner.policy, tokenizer, held_out, t, max_new)}", flush=True)
@@ -133,15 +133,19 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         start = (step - 1) * num_prompts
         problems = [train[(start + i) % len(train)] for i in range(num_prompts)]
-        rollouts = []
-        for j, (problem, prompt, ids, logprobs, text) in enumerate(
-                sample(learner.policy, tokenizer, problems, group, temperature, max_new)):
-            score, correct = response_reward(text, len(ids), problem.ground_truth, cfg.reward)
-            rollouts.append(Rollout(prompt, ids, logprobs, score, correct, j // group, learner.step))
-        m = learner.train_step(rollouts)
+        groups, samples = [], list(sample(learner.policy, tokenizer, problems, group, temperature, max_new))
+        for k, problem in enumerate(problems):
+            mine = samples[k * group : (k + 1) * group]
+            rewards = [response_reward(text, len(ids), problem.ground_truth, cfg.reward) for _, _, ids, _, text in mine]
+            groups.append(make_group(
+                lease=Lease(k, k, problem.prompt, problem.ground_truth, "arithmetic", None, learner.step),
+                actor_id=0, prompt_token_ids=mine[0][1],
+                responses=[(ids, lps, learner.step) for _, _, ids, lps, _ in mine],
+                finish_reasons=["stop"] * group, rewards=[s for s, _ in rewards], correct=[c for _, c in rewards]))
+        m = learner.train_step(groups)
         nan = float("nan")
-        print(f"step {step}: rollout acc {np.mean([r.correct for r in rollouts]):.3f} "
-              f"len {np.mean([len(r.response_ids) for r in rollouts]):.0f} "
+        print(f"step {step}: rollout acc {np.mean([c for g in groups for c in g.correct]):.3f} "
+              f"len {np.mean([n for g in groups for n in g.response_lengths]):.0f} "
               f"approx_kl {m.get('policy/approx_kl', nan):.4f} entropy {m.get('policy/entropy', nan):.3f} "
               f"explained_var {m.get('value/explained_var', nan):.2f} [{time.monotonic() - t0:.0f} s]", flush=True)
         if step % args.eval_every == 0 or step == args.steps:

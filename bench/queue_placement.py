@@ -40,7 +40,6 @@ import numpy as np  # noqa: E402
 from bench.learner import VOCAB, make_learner  # noqa: E402
 from bench.queue import EndlessSource  # noqa: E402
 from deploy.doctor import free_port  # noqa: E402
-from learner.main import rollouts_from_groups  # noqa: E402
 from shared.config import LearnerConfig, QueueConfig, RolloutConfig, VapoConfig  # noqa: E402
 from shared.queue.client import ActorClient, ClientSettings, LearnerClient  # noqa: E402
 from shared.queue.service import QueueThread, serve  # noqa: E402
@@ -111,7 +110,7 @@ def run(placement: str, steps: int, num_actors: int) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = client.get_batch(PROMPTS, timeout_s=120)
         t1 = time.perf_counter()
-        learner.train_step(rollouts_from_groups(batch.groups))
+        learner.train_step(batch.groups)
         client.publish_version(step + 1)
         wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
     end = time.time()
@@ -142,10 +141,10 @@ def run_alone(steps: int) -> dict[str, float]:
     service.stop()
     client.close()
     learner = make_learner(["learner.mini_batch_size=128"])
-    learner.train_step(rollouts_from_groups(batches[0]))
+    learner.train_step(batches[0])
     start = time.perf_counter()
     for groups in batches[1:]:
-        learner.train_step(rollouts_from_groups(groups))
+        learner.train_step(groups)
     return {"steps_per_s": steps / (time.perf_counter() - start)}
 
 

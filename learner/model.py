@@ -24,11 +24,13 @@ Decisions:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from learner.algo.losses import entropy as entropy_from_logits
 
 
 @dataclass
@@ -43,6 +45,12 @@ class MicroBatch:
     """[b, R] 1 on response tokens."""
     prompt_width: int
     """P: width of the left-padded prompt block."""
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
+    """[b, R] per-token fields of these rows (old_logprobs, advantages, ...: `learner.batch.RESULT_FIELDS`)."""
+    correct: torch.Tensor | None = None
+    """[b] bool: the verifier's judgement of each response."""
+    weight: float = 1.0
+    """1, or 0 for a padding micro-batch (it only keeps the ranks' collectives in step)."""
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -51,7 +59,9 @@ class MicroBatch:
 
     def to(self, device: torch.device | str) -> MicroBatch:
         return MicroBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width,
+            {k: v.to(device) for k, v in self.data.items()},
+            None if self.correct is None else self.correct.to(device), self.weight,
         )
 
 
@@ -167,7 +177,7 @@ def policy_forward(
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            entropy = entropy_from_logits(logits, lse)
     return logprobs, entropy
 
 

@@ -255,6 +255,8 @@ _BODIES: dict[str, dict[str, Check]] = {
     # requests (actor or learner -> queue)
     "lease": {"actor_id": _int(0), "incarnation": _int(), "policy_version": _int(0), "num_prompts": _int(1, 1 << 20)},
     "submit": {"actor_id": _int(0), "incarnation": _int(), "groups": _groups_of},
+    # between learner ranks: one step's groups, scattered by rank 0 (`encode_groups`)
+    "groups": {"groups": _groups_of},
     "heartbeat": {"actor_id": _int(0), "incarnation": _int()},
     "get_batch": {"num_groups": _int(1, 1 << 24), "wait_s": _float(0.0)},
     "set_version": {"version": _int(0)},
@@ -462,6 +464,20 @@ def decode(frames: Sequence[Buffer], *, max_bytes: int, kinds: Sequence[str] = K
             msg.groups.append(_group_of(h, arrays))
         msg.encoded_groups.append((gh, gframes))
     return msg
+
+
+def encode_groups(groups: Sequence[RolloutGroup]) -> bytes:
+    """Groups as one buffer (the learner's scatter to its ranks): msgpack of a `groups` message's frames."""
+    frames = encode("groups", groups=[encode_group(g) for g in groups])
+    return msgpack.packb([bytes(memoryview(f)) for f in frames], use_bin_type=True)
+
+
+def decode_groups(data: Buffer) -> list[RolloutGroup]:
+    """The groups of an `encode_groups` buffer; raises WireError for anything else."""
+    frames = _unpack(data)
+    if type(frames) is not list or not all(type(f) is bytes for f in frames):
+        raise WireError("malformed", "not a list of frames")
+    return decode(frames, max_bytes=len(data), kinds=("groups",)).groups
 
 
 def group_nbytes(group: EncodedGroup) -> int:

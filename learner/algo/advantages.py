@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from learner.algo.metrics import masked_mean, masked_var
+from learner.algo.metrics import mean_and_std
 
 
 def group_advantages(
@@ -42,17 +42,11 @@ def group_advantages(
     return torch.where(counts[dense] > 1, adv, torch.zeros_like(adv))
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Masked whitening: (x - mean) / sqrt(var + eps) over mask == 1, 0 on padding; values, mask [B, T] -> [B, T].
+def whiten(values: torch.Tensor, mask: torch.Tensor, sums: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Masked whitening (x - mean) / (std + eps) on mask == 1, 0 elsewhere; values, mask [B, T] -> [B, T].
 
-    Unbiased variance over the valid tokens of this tensor (local, not across ranks). With
-    shift_mean=False the mean is added back (scale only). Fewer than two valid tokens: the
-    variance is taken as 0, so a single valid token becomes 0 (or its value without the shift).
+    mean and the (biased) std come from `sums` = `moment_sums(values, mask)`: this tensor's own for a
+    local whitening, or summed over ranks for the global one the train step does.
     """
-    m = mask if mask.dtype == torch.bool else mask != 0
-    mean = masked_mean(values, m)
-    var = masked_var(values, m, unbiased=True)
-    out = (values - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, torch.zeros_like(out))
+    mean, std = mean_and_std(sums)
+    return (values - mean) / (std + eps) * mask.to(values.dtype)

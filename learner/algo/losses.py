@@ -104,31 +104,6 @@ def policy_loss_per_token(
     return loss, metrics
 
 
-def policy_loss_sum(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None = None,
-    is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """Sum over valid tokens of `policy_loss_per_token` -> (0-dim loss sum, metrics); inputs [B, T]."""
-    per_token, metrics = policy_loss_per_token(
-        logprobs,
-        old_logprobs,
-        advantages,
-        response_mask,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        is_weights=is_weights,
-    )
-    return per_token.sum(), metrics
-
-
 def sequence_mean_loss(per_token: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-level aggregation: mean over each sequence's valid tokens, summed over sequences.
 
@@ -195,48 +170,14 @@ def positive_nll_sum(
     return -torch.where(tokens, logprobs, zero).sum(), _count(tokens)
 
 
-def _entropy_rows(z: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax over the last dim of z [N, V] -> [N] float32: logsumexp(z) - sum softmax(z) z."""
-    z = z.float()
-    lse = torch.logsumexp(z, dim=-1)
-    return lse - (torch.exp(z - lse[:, None]) * z).sum(dim=-1)
+def entropy(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: logsumexp(z) - sum softmax(z) z; logits [..., V] -> [...].
 
-
-def entropy_per_token(logits: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits) per position; logits [..., V] -> [...] float32.
-
-    Computed over `chunk_tokens` positions at a time, so the temporary probabilities are
-    [chunk_tokens, V], not a copy of all logits. Under autograd each chunk keeps its tensors for
-    the backward pass, so for a metric call it under torch.no_grad().
+    `lse`: logsumexp(logits, -1) when the caller has it already (the log-prob computation does), so
+    both share it. Differentiable; call it under torch.no_grad() for a metric.
     """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = [_entropy_rows(flat[i : i + chunk_tokens]) for i in range(0, flat.shape[0], chunk_tokens)]
-    if not parts:
-        return torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-    return torch.cat(parts).view(logits.shape[:-1])
-
-
-def entropy_sum(
-    logits: torch.Tensor, response_mask: torch.Tensor, chunk_tokens: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy summed over valid tokens; logits [B, T, V], response_mask [B, T] -> (sum, num_tokens float64).
-
-    Valid positions are gathered `chunk_tokens` at a time, so padding costs nothing and no copy of
-    all logits is made. The sum is float32 and carries gradients (entropy bonus); the caller
-    divides by the global token count.
-    """
-    if logits.dim() != 3 or logits.shape[:2] != response_mask.shape:
-        raise ValueError(
-            f"logits [B, T, V] and response_mask [B, T] disagree: {tuple(logits.shape)}, {tuple(response_mask.shape)}"
-        )
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    mask = _as_bool(response_mask)
-    flat = logits.reshape(-1, logits.shape[-1])
-    index = mask.reshape(-1).nonzero().squeeze(1)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for i in range(0, index.shape[0], chunk_tokens):
-        total = total + _entropy_rows(flat.index_select(0, index[i : i + chunk_tokens])).sum()
-    return total, _count(mask)
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    elif lse.shape != logits.shape[:-1]:
+        raise ValueError(f"lse {tuple(lse.shape)} does not match logits {tuple(logits.shape)}")
+    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)

@@ -1,32 +1,14 @@
-"""Reward shaping on the learner side: DAPO's soft overlong punishment and token-level placement.
+"""Token-level placement of a response's reward.
 
 VAPO scores a whole response (+1 correct / -1 wrong, from the verifier) and places that score on
 the last valid response token; every other token gets 0, so with gamma = 1 and lambda = 1 each
-token's return is the final score. The optional overlong penalty is added to the score before
-placement. Imports torch only.
+token's return is the final score. Shaping (DAPO's overlong penalty, `shared.reward.shaping`) is
+added to the score by the actor, before it reaches the learner. Imports torch only.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
-    """DAPO soft overlong punishment per response; lengths [B] -> [B] float32 in [-1, 0].
-
-    0 for l <= max_len - cache_len; (max_len - cache_len - l) / cache_len, linear down to -1,
-    for max_len - cache_len < l <= max_len; -1 for l > max_len. cache_len = 0 gives the hard
-    cut: 0 up to max_len, -1 beyond.
-    """
-    if not 0 <= cache_len <= max_len:
-        raise ValueError(f"need 0 <= cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
-    if lengths.dim() != 1:
-        raise ValueError(f"lengths must be [B], got shape {tuple(lengths.shape)}")
-    lengths = lengths.to(torch.float32)
-    start = max_len - cache_len
-    ramp = (start - lengths) / max(cache_len, 1)
-    penalty = torch.where(lengths <= start, torch.zeros_like(lengths), ramp)
-    return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), penalty)
 
 
 def token_level_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,14 @@ def _messages(raw: Any) -> tuple[tuple[str, str], ...] | None:
     return tuple((m["role"], m["content"]) if isinstance(m, dict) else (m[0], m[1]) for m in raw)
 
 
+def keep_group(correct: Sequence[bool]) -> bool:
+    """DAPO dynamic sampling: keep a group only when its responses are not all judged the same (at least one
+    right and one wrong). An all-right or all-wrong group has zero group-normalised advantage and, with a
+    critic, little signal; an empty group has nothing to learn from."""
+    flags = [bool(flag) for flag in correct]
+    return any(flags) and not all(flags)
+
+
 class QueueState:
     """Leases, queued groups and counters of one replay queue incarnation."""
 
@@ -293,7 +301,7 @@ class QueueState:
             self.stats.dropped_stale += 1
             heapq.heappush(self._reissue, entry.seq)
             return "stale"
-        if self.dynamic_sampling and len(set(map(bool, correct))) == 1:
+        if self.dynamic_sampling and not keep_group(correct):
             self.stats.filtered += 1
             self._finish(entry.seq)
             return "filtered"

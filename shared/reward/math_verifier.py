@@ -153,22 +153,6 @@ def normalize_answer(s: str) -> str:
     return ", ".join(_OTHER_SPACE.sub("", part) for part in _LIST_COMMA.split(s))
 
 
-def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
-    """DAPO soft overlong punishment of one response of `length` tokens, in [-1, 0], added to its reward.
-
-    0 up to max_len - cache_len, then linear down to -1 at max_len, -1 beyond; the scalar twin of
-    `learner.algo.rewards.overlong_penalty` (actors score responses one at a time, without torch).
-    """
-    if not 0 <= cache_len <= max_len:
-        raise ValueError(f"need 0 <= cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
-    start = max_len - cache_len
-    if length <= start:
-        return 0.0
-    if length > max_len:
-        return -1.0
-    return (start - length) / max(cache_len, 1)
-
-
 def warm_up() -> None:
     """Start the math-verify child process now, so the first score() that needs it does not wait."""
     _VERIFIER.start()

@@ -7,19 +7,17 @@ from pathlib import Path
 import torch
 
 from learner import checkpoint
-from tests.component.test_learner import _cfg, _learner, _rollouts
+from tests.component.test_learner import _cfg, _groups, _learner
 
 
 def test_resume_continues_the_same_trajectory(random_model_dir: Path, tmp_path: Path) -> None:
-    cfg = _cfg("algo.value_pretrain_steps=1")
-    steps = [_rollouts(seed) for seed in range(3)]
+    cfg = _cfg("algo.value_pretrain_steps=1", f"model.path={random_model_dir}")
+    steps = [_groups(seed) for seed in range(3)]
 
     straight = _learner(random_model_dir, cfg)
     for batch in steps[:2]:
         straight.train_step(batch)
-    ckpt = checkpoint.save(
-        straight, tmp_path, version=2, data_cursor={"epoch": 0, "index": 8}, model_path=str(random_model_dir)
-    )
+    ckpt = checkpoint.save(straight, tmp_path, version=2, data_cursor={"epoch": 0, "index": 8})
     expected = straight.train_step(steps[2])
 
     resumed = _learner(random_model_dir, cfg)
@@ -34,9 +32,9 @@ def test_resume_continues_the_same_trajectory(random_model_dir: Path, tmp_path: 
 
 
 def test_incomplete_checkpoint_is_ignored_and_export_loads(random_model_dir: Path, tmp_path: Path) -> None:
-    learner = _learner(random_model_dir, _cfg())
-    learner.train_step(_rollouts())
-    ckpt = checkpoint.save(learner, tmp_path, version=1, data_cursor=None, model_path=str(random_model_dir))
+    learner = _learner(random_model_dir, _cfg(f"model.path={random_model_dir}"))
+    learner.train_step(_groups())
+    ckpt = checkpoint.save(learner, tmp_path, version=1, data_cursor=None)
     (tmp_path / "checkpoints" / "step_000009").mkdir()  # a crash mid-save: no meta.json
     assert checkpoint.latest(tmp_path) == ckpt
 
@@ -55,9 +53,9 @@ def test_exported_policy_loads_in_vllm_with_the_same_logprobs(random_model_dir: 
     from actors.engine import Engine
     from deploy.doctor import fixed_sequences, hf_logprobs, max_abs_diff
 
-    learner = _learner(random_model_dir, _cfg())
-    learner.train_step(_rollouts())
-    ckpt = checkpoint.save(learner, tmp_path, version=1, data_cursor=None, model_path=str(random_model_dir))
+    learner = _learner(random_model_dir, _cfg(f"model.path={random_model_dir}"))
+    learner.train_step(_groups())
+    ckpt = checkpoint.save(learner, tmp_path, version=1, data_cursor=None)
     out = checkpoint.export_policy(ckpt, tmp_path / "export")
     sequences = fixed_sequences(learner.policy.config.vocab_size, seed=3)
     expected = hf_logprobs(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), sequences)

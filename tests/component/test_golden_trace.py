@@ -103,17 +103,18 @@ def _trace(model_dir: Path, name: str) -> list[dict[str, float]]:
     scattered by the production code when a process group exists."""
     import torch.distributed as dist
 
-    from learner.main import build_learner, rollouts_from_groups, scatter_groups
+    from learner.dist import scatter_groups
+    from learner.main import build_learner
     from shared.config import load_config
 
     cfg = load_config([], COMMON + CONFIGS[name])
     torch.manual_seed(cfg.seed)
-    learner = build_learner(cfg, str(model_dir), torch.device("cpu"))
+    learner = build_learner(load_config([], [*COMMON, *CONFIGS[name], f"model.path={model_dir}"]), torch.device("cpu"))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     out = []
     for step in range(NUM_STEPS):
         mine = scatter_groups(_groups(step) if rank0 else None)
-        metrics = learner.train_step(rollouts_from_groups(mine))
+        metrics = learner.train_step(mine)
         row = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("perf/")}
         row.pop("train/padding_frac", None)  # depends on the micro-batching of each rank, not the math
         row["policy_checksum"] = _checksum(learner.policy)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from learner.batching import Rollout
+from learner.batch import RolloutBatch
 from learner.model import load_policy, load_value_model
 from learner.train_step import Learner
 from shared.config import VapoConfig, load_config
+from shared.types import Lease, RolloutGroup, make_group
 
 BASE = [
     "learner.device=cpu",
@@ -38,26 +39,25 @@ def _cfg(*overrides: str) -> VapoConfig:
     return load_config([], BASE + list(overrides))
 
 
-def _rollouts(seed: int = 0, num_groups: int = 4, group_size: int = 4, vocab: int = 50) -> list[Rollout]:
+def _groups(seed: int = 0, num_groups: int = 4, group_size: int = 4, vocab: int = 50,
+            correct: bool | None = None) -> list[RolloutGroup]:
     rng = np.random.default_rng(seed)
     out = []
     for g in range(num_groups):
         prompt = rng.integers(3, vocab, int(rng.integers(3, 9)))
+        responses, flags = [], []
         for _ in range(group_size):
             n = int(rng.integers(1, 24))
-            correct = bool(rng.random() < 0.5)
-            out.append(
-                Rollout(
-                    prompt_ids=prompt,
-                    response_ids=rng.integers(3, vocab, n),
-                    behavior_logprobs=(-3.5 + 0.3 * rng.standard_normal(n)).astype(np.float32),
-                    score=1.0 if correct else -1.0,
-                    correct=correct,
-                    group=g,
-                    policy_version=0,
-                )
-            )
+            flags.append(bool(rng.random() < 0.5) if correct is None else correct)
+            responses.append((rng.integers(3, vocab, n), -3.5 + 0.3 * rng.standard_normal(n), 0))
+        out.append(make_group(lease=Lease(g, g, "", "", "math", None, 0), actor_id=0, prompt_token_ids=prompt,
+                              responses=responses, finish_reasons=["stop"] * group_size,
+                              rewards=[1.0 if f else -1.0 for f in flags], correct=flags))
     return out
+
+
+def _batch(groups: list[RolloutGroup]) -> RolloutBatch:
+    return RolloutBatch.from_groups(groups, pad_id=0)
 
 
 def _learner(model_dir: Path, cfg: VapoConfig, shard: bool = False) -> Learner:
@@ -79,33 +79,32 @@ def _sums() -> dict[str, torch.Tensor]:
 
 def test_returns_are_monte_carlo_with_lambda_one(random_model_dir: Path) -> None:
     learner = _learner(random_model_dir, _cfg("algo.lambda_critic=1.0"))
-    rollouts = _rollouts()
-    old = learner.prepare(rollouts, value_only=False)
-    for r, returns in zip(rollouts, old["returns"], strict=True):
-        # gamma = 1, one reward on the last token: every token's Monte-Carlo return is the score
-        torch.testing.assert_close(returns, torch.full_like(returns, r.score), rtol=0, atol=1e-9)
-    assert all(len(a) == len(r.response_ids) for a, r in zip(old["advantages"], rollouts, strict=True))
+    batch = _batch(_groups())
+    learner.prepare(batch, value_only=False)
+    mask = batch.response_mask.bool()
+    # gamma = 1, one reward on the last token: every token's Monte-Carlo return is the score
+    expected = batch.scores[:, None].expand_as(mask)[mask].float()
+    torch.testing.assert_close(batch.results["returns"][mask], expected, rtol=0, atol=1e-6)
+    for key in ("advantages", "returns", "old_logprobs", "values", "is_weights"):
+        assert torch.all(batch.results[key][~mask] == 0), key
 
 
 def test_is_weights_are_exactly_one_when_behavior_equals_old(random_model_dir: Path) -> None:
     learner = _learner(random_model_dir, _cfg())
-    rollouts = _rollouts()
-    old = learner.prepare(rollouts, value_only=False)
-    for r, lp in zip(rollouts, old["old_logprobs"], strict=True):
-        r.behavior_logprobs = lp.float().numpy()
-    old = learner.prepare(rollouts, value_only=False)
-    for w in old["is_weights"]:
-        assert torch.equal(w, torch.ones_like(w))
+    batch = _batch(_groups())
+    learner.prepare(batch, value_only=False)
+    batch.behavior_logprobs = batch.results["old_logprobs"].clone()
+    learner.prepare(batch, value_only=False)
+    mask = batch.response_mask.bool()
+    assert torch.equal(batch.results["is_weights"][mask], torch.ones(int(mask.sum())))
 
 
 def test_positive_nll_is_zero_when_nothing_is_correct(random_model_dir: Path) -> None:
     learner = _learner(random_model_dir, _cfg())
-    rollouts = _rollouts()
-    for r in rollouts:
-        r.correct, r.score = False, -1.0
+    batch = _batch(_groups(correct=False))
     sums = _sums()
-    old = learner.prepare(rollouts, False, sums)
-    learner.accumulate_gradients(rollouts, list(range(len(rollouts))), old, False, sums)
+    learner.prepare(batch, False, sums)
+    learner.accumulate_gradients(batch, list(range(batch.num_responses)), False, sums)
     assert sums["loss/nll_pos"].item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in learner.policy.parameters() if p.grad is not None)
 
@@ -113,19 +112,19 @@ def test_positive_nll_is_zero_when_nothing_is_correct(random_model_dir: Path) ->
 def test_value_pretraining_trains_only_the_critic(random_model_dir: Path) -> None:
     learner = _learner(random_model_dir, _cfg("algo.value_pretrain_steps=3"))
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
-    rollouts = _rollouts()
-    value_losses = [learner.train_step(rollouts)["loss/value"] for _ in range(3)]
+    groups = _groups()
+    value_losses = [learner.train_step(groups)["loss/value"] for _ in range(3)]
     assert value_losses[-1] < value_losses[0]
     for k, v in learner.policy.state_dict().items():
         assert torch.equal(v, before[k]), k
-    metrics = learner.train_step(rollouts)  # step 3: the policy starts training
+    metrics = learner.train_step(groups)  # step 3: the policy starts training
     assert metrics["train/value_only"] == 0.0
     assert any(not torch.equal(v, before[k]) for k, v in learner.policy.state_dict().items())
 
 
 def test_a_vapo_step_reports_every_metric(random_model_dir: Path) -> None:
     learner = _learner(random_model_dir, _cfg())
-    m = learner.train_step(_rollouts())
+    m = learner.train_step(_groups())
     for key in (
         "loss/policy",
         "loss/value",
@@ -153,7 +152,7 @@ def test_a_vapo_step_reports_every_metric(random_model_dir: Path) -> None:
 def test_grpo_baseline_has_no_critic(random_model_dir: Path, estimator: str) -> None:
     learner = _learner(random_model_dir, _cfg(f"algo.estimator={estimator}", "algo.loss_agg=sequence"))
     assert learner.value_model is None
-    m = learner.train_step(_rollouts())
+    m = learner.train_step(_groups())
     assert "loss/value" not in m and np.isfinite(m["loss/policy"])
 
 
@@ -172,10 +171,10 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, overr
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     learner = _learner(Path(model_dir), _cfg(*overrides), shard=True)
-    mine = [r for r in _rollouts() if r.group % world == rank]  # whole groups per rank
+    mine = _batch(_groups()[rank::world])  # whole groups per rank
     sums = _sums()
-    old = learner.prepare(mine, False, sums)
-    learner.accumulate_gradients(mine, list(range(len(mine))), old, False, sums)
+    learner.prepare(mine, False, sums)
+    learner.accumulate_gradients(mine, list(range(mine.num_responses)), False, sums)
     grads = {}
     for prefix, model in (("policy.", learner.policy), ("value.", learner.value_model)):
         for name, p in model.named_parameters():
@@ -223,7 +222,7 @@ def test_cosine_schedule_decays_each_model_over_its_own_training_steps(random_mo
     for name, opt in (("policy", learner.policy_opt), ("value", learner.value_opt)):
         opt.register_step_pre_hook(lambda o, args, kwargs, name=name: used[name].append(o.param_groups[0]["lr"]))
     for step in range(cfg.learner.total_steps):
-        learner.train_step(_rollouts(seed=step))
+        learner.train_step(_groups(seed=step))
     floor = 0.1 * 1e-3
 
     def cosine(progress: float) -> float:

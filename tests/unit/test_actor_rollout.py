@@ -6,12 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 
 from actors.rollout import Round, prompt_ids, response_reward, score_round
-from learner.algo.rewards import overlong_penalty as overlong_penalty_tensor
 from shared.config import RewardConfig
-from shared.reward.math_verifier import overlong_penalty
+from shared.reward.shaping import overlong_penalty
 from shared.types import Lease
 
 
@@ -47,11 +45,14 @@ def _sample(text: str, n: int, finish: str = "stop") -> FakeSample:
     return FakeSample(np.arange(n, dtype=np.int32), -np.linspace(0.1, 1.0, n).astype(np.float32), finish, text)
 
 
-@pytest.mark.parametrize("length", [0, 5, 6, 7, 9, 10, 11, 50])
-@pytest.mark.parametrize("cache_len", [0, 1, 4])
-def test_scalar_overlong_penalty_matches_the_learners(length: int, cache_len: int) -> None:
-    expected = float(overlong_penalty_tensor(torch.tensor([length]), 10, cache_len)[0])
-    assert overlong_penalty(length, 10, cache_len) == pytest.approx(expected, abs=1e-6)
+@pytest.mark.parametrize(
+    "lengths, cache_len, expected",
+    [([0, 100, 192, 193, 224, 256, 257, 1000], 64, [0.0, 0.0, 0.0, -1 / 64, -0.5, -1.0, -1.0, -1.0]),
+     ([0, 100, 256, 257], 0, [0.0, 0.0, 0.0, -1.0])],
+)
+def test_overlong_penalty_piecewise(lengths: list[int], cache_len: int, expected: list[float]) -> None:
+    got = [overlong_penalty(n, 256, cache_len) for n in lengths]
+    assert got == pytest.approx(expected, abs=1e-12)
 
 
 def test_overlong_penalty_shape() -> None:
@@ -87,7 +88,7 @@ def test_a_round_becomes_one_group_per_lease() -> None:
     samples = [[_sample("Answer: 2", 3), _sample("Answer: 4", 1, "length")],
                [_sample("Answer: 5", 4), _sample("", 0)]]
     rnd = Round(leases, [[1, 2], [3, 4, 5]], samples, version=6, started_at=1e9, gen_seconds=2.0)
-    groups = score_round(rnd, RewardConfig(), actor_id=3)
+    groups = list(score_round(rnd, RewardConfig(), actor_id=3))
     assert [g.lease_id for g in groups] == [100, 101] and [g.actor_id for g in groups] == [3, 3]
     a, b = groups
     assert a.rewards.tolist() == [1.0, -1.0] and a.correct.tolist() == [True, False]
@@ -120,7 +121,7 @@ def test_tokens_sampled_after_a_mid_round_push_keep_their_versions() -> None:
     assert np.array_equal(a.response(0)[1], switched.logprobs)
     assert b.token_versions.tolist() == [4, 4] and b.policy_version == 4
     only_new = Round([_lease(0)], [[1]], [[later]], 4, 0.0, 1.0)
-    assert score_round(only_new, RewardConfig(), actor_id=0)[0].policy_version == 5  # the oldest token's version
+    assert next(score_round(only_new, RewardConfig(), actor_id=0)).policy_version == 5  # the oldest token's version
 
 
 @pytest.mark.parametrize("versions", [[5, 4, 5], [3, 4, 4], [4, 4]])
@@ -128,4 +129,14 @@ def test_token_versions_that_go_back_precede_the_round_or_miscount_are_refused(v
     sample = _sample("Answer: 2", 3)
     sample.token_versions = np.array(versions, np.int32)
     with pytest.raises(AssertionError):
-        score_round(Round([_lease(0)], [[1]], [[sample]], 4, 0.0, 1.0), RewardConfig(), actor_id=0)
+        list(score_round(Round([_lease(0)], [[1]], [[sample]], 4, 0.0, 1.0), RewardConfig(), actor_id=0))
+
+
+def test_each_group_is_handed_out_before_the_next_is_scored() -> None:
+    bad = _sample("Answer: 2", 3)
+    bad.token_versions = np.array([3, 4, 4], np.int32)  # precedes the round: refused when its group is made
+    rnd = Round([_lease(0), _lease(1)], [[1], [2]], [[_sample("Answer: 2", 2)], [bad]], 4, 0.0, 1.0)
+    groups = score_round(rnd, RewardConfig(), actor_id=0)
+    assert next(groups).lease_id == 100  # the submit can send it while the next one is scored
+    with pytest.raises(AssertionError):
+        next(groups)

@@ -1,4 +1,4 @@
-"""Group-normalised advantages, masked whitening, DAPO group filter, reward shaping, KL, IS weights, metrics."""
+"""Group-normalised advantages, masked whitening, reward placement, KL, IS weights, explained variance."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from learner.algo.advantages import group_advantages, whiten
-from learner.algo.filters import keep_group, keep_groups
 from learner.algo.kl import kl_penalty
-from learner.algo.metrics import explained_variance, masked_mean, masked_sum, masked_var
-from learner.algo.rewards import overlong_penalty, token_level_rewards
+from learner.algo.metrics import explained_variance, mean_and_std, moment_sums
+from learner.algo.rewards import token_level_rewards
 from learner.algo.staleness import truncated_is_weights
 
 F64 = torch.float64
@@ -70,57 +69,31 @@ def test_whiten_masked():
     g = torch.Generator().manual_seed(4)
     values = torch.randn(4, 10, generator=g, dtype=F64) * 3 + 2
     mask = torch.arange(10)[None, :] < torch.tensor([10, 5, 0, 7])[:, None]
-    out = whiten(values, mask)
+    out = whiten(values, mask, moment_sums(values, mask))
     valid = out[mask]
     assert abs(float(valid.mean())) < 1e-12
-    assert abs(float(valid.var()) - 1.0) < 1e-6
+    assert abs(float(valid.var(unbiased=False)) - 1.0) < 1e-6
     assert torch.all(out[~mask] == 0)
-    scaled = whiten(values, mask, shift_mean=False)
-    assert_near(scaled[mask].mean(), values[mask].mean(), 1e-12)
     one_token = torch.zeros(4, 10, dtype=torch.bool)
     one_token[1, 2] = True
-    assert torch.all(whiten(values, one_token) == 0)  # variance taken as 0: a single token becomes 0
-    assert torch.all(whiten(values, torch.zeros_like(one_token)) == 0)
+    assert torch.all(whiten(values, one_token, moment_sums(values, one_token)) == 0)  # std 0: the token becomes 0
+    assert torch.all(whiten(values, ~mask, moment_sums(values, ~mask))[mask] == 0)
+    empty = torch.zeros_like(one_token)
+    assert torch.all(whiten(values, empty, moment_sums(values, empty)) == 0)
 
 
-# ---- DAPO group filter -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "flags, keep",
-    [([True, False, True], True), ([True, True], False), ([False, False, False], False), ([True], False), ([], False)],
-)
-def test_keep_group(flags, keep):
-    assert keep_group(flags) is keep
-    assert keep_group(torch.tensor(flags, dtype=torch.bool)) is keep
-    assert keep_group(torch.tensor(flags, dtype=torch.float32)) is keep
-
-
-def test_keep_groups_matches_keep_group():
-    g = torch.Generator().manual_seed(5)
-    correct = torch.rand(80, generator=g) < 0.3
-    group_ids = torch.randint(0, 25, (80,), generator=g) * 3
-    keep = keep_groups(correct, group_ids)
-    expected = [keep_group(correct[group_ids == gid]) for gid in torch.unique(group_ids).tolist()]
-    assert keep.tolist() == expected
-    with pytest.raises(ValueError):
-        keep_groups(correct, group_ids[:5])
-    with pytest.raises(ValueError):
-        keep_group(torch.ones(2, 2))
+def test_whitening_over_two_shards_equals_whitening_the_whole():
+    """What the train step does across ranks: each rank's moment sums, added, whiten every rank's part alike."""
+    g = torch.Generator().manual_seed(6)
+    values = torch.randn(6, 9, generator=g, dtype=F64)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 3, 1, 7, 0, 5])[:, None]
+    whole = whiten(values, mask, moment_sums(values, mask))
+    total = moment_sums(values[:2], mask[:2]) + moment_sums(values[2:], mask[2:])
+    parts = torch.cat([whiten(values[:2], mask[:2], total), whiten(values[2:], mask[2:], total)])
+    assert_near(parts, whole, 1e-12)
 
 
 # ---- rewards -----------------------------------------------------------------------------------------------
-
-
-def test_overlong_penalty_piecewise():
-    lengths = torch.tensor([0, 100, 192, 193, 224, 256, 257, 1000])
-    penalty = overlong_penalty(lengths, max_len=256, cache_len=64)
-    expected = [0.0, 0.0, 0.0, -1 / 64, -0.5, -1.0, -1.0, -1.0]
-    assert_near(penalty, torch.tensor(expected), 1e-7)
-    hard = overlong_penalty(lengths, max_len=256, cache_len=0)
-    assert hard.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0]
-    with pytest.raises(ValueError):
-        overlong_penalty(lengths, max_len=256, cache_len=300)
 
 
 def test_token_level_rewards_on_last_valid_token():
@@ -201,31 +174,30 @@ def test_is_weights_truncate_and_detach():
 # ---- metrics -----------------------------------------------------------------------------------------------
 
 
+def _ev(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(explained_variance(moment_sums(returns, mask), moment_sums(returns - values, mask)))
+
+
 def test_explained_variance():
-    g = torch.Generator().manual_seed(6)
-    returns = torch.randn(3, 8, generator=g, dtype=F64)
-    mask = torch.arange(8)[None, :] < torch.tensor([8, 3, 5])[:, None]
-    assert math.isclose(float(explained_variance(returns, returns, mask)), 1.0)
-    assert abs(float(explained_variance(torch.zeros_like(returns), returns, mask))) < 1e-12
-    # Padding is ignored, even garbage.
-    values = returns + 0.1 * torch.randn(3, 8, generator=g, dtype=F64)
-    ev = explained_variance(values, returns, mask)
-    ev_garbage = explained_variance(torch.where(mask, values, 1e9), torch.where(mask, returns, -1e9), mask)
-    assert_near(ev, ev_garbage, 1e-12)
-    err, ret = (returns - values)[mask], returns[mask]
-    assert math.isclose(float(ev), 1 - float(err.var()) / float(ret.var()), rel_tol=1e-12)
-    # Zero-variance returns (or no valid token): defined as 0, not NaN.
-    assert float(explained_variance(values, torch.ones_like(returns), mask)) == 0.0
-    assert float(explained_variance(values, returns, torch.zeros_like(mask))) == 0.0
+    g = torch.Generator().manual_seed(8)
+    returns = torch.randn(3, 7, generator=g, dtype=F64)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 2])[:, None]
+    assert math.isclose(_ev(returns, returns, mask), 1.0)
+    assert abs(_ev(torch.zeros_like(returns), returns, mask)) < 1e-12
+    values = returns + 0.5 * torch.randn(3, 7, generator=g, dtype=F64)
+    expected = 1.0 - float((returns - values)[mask].var(unbiased=False)) / float(returns[mask].var(unbiased=False))
+    assert math.isclose(_ev(values, returns, mask), expected, rel_tol=1e-10)
+    assert _ev(values, torch.ones_like(returns), mask) == 0.0  # nothing to explain
+    assert _ev(values, returns, torch.zeros_like(mask)) == 0.0
 
 
-def test_masked_reductions():
-    values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, float("inf"), 5.0]], dtype=F64)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
-    assert float(masked_sum(values, mask)) == 11.0
-    assert float(masked_mean(values, mask)) == 11.0 / 4
-    assert math.isclose(float(masked_var(values, mask)), float(torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=F64).var()))
-    assert float(masked_mean(values, torch.zeros_like(mask))) == 0.0
-    assert float(masked_var(values, torch.tensor([[1, 0, 0], [0, 0, 0]]))) == 0.0
+def test_moment_sums_and_mean_and_std():
+    values = torch.tensor([[1.0, 2.0, 3.0], [5.0, 7.0, 11.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert moment_sums(values, mask).tolist() == [11.0, 39.0, 4.0]
+    mean, std = mean_and_std(moment_sums(values, mask))
+    ref = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=F64)
+    assert float(mean) == 11.0 / 4 and math.isclose(float(std), float(ref.std(unbiased=False)))
+    assert [float(x) for x in mean_and_std(moment_sums(values, torch.zeros_like(mask)))] == [0.0, 0.0]
     with pytest.raises(ValueError):
-        masked_sum(values, mask[:, :2])
+        moment_sums(values, mask[:, :2])

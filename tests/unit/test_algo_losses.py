@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from learner.algo.losses import (
-    entropy_per_token,
-    entropy_sum,
+    entropy,
     policy_loss_per_token,
-    policy_loss_sum,
     positive_nll_sum,
     sequence_mean_loss,
     value_loss_sum,
 )
+
+
+def policy_loss_sum(*args, **kwargs):
+    """The token-level sum the train step takes of the per-token surrogate."""
+    per_token, metrics = policy_loss_per_token(*args, **kwargs)
+    return per_token.sum(), metrics
 
 F64 = torch.float64
 
@@ -260,26 +264,21 @@ def test_positive_nll_sums_correct_responses_only():
         positive_nll_sum(logprobs, mask, correct[:2])
 
 
-def test_entropy_matches_categorical_and_is_masked():
+def test_entropy_matches_categorical_with_or_without_the_callers_logsumexp():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 5, 11, generator=g) * 3
     expected = torch.distributions.Categorical(logits=logits).entropy()
-    for chunk in (1, 4, 1024):
-        assert_near(entropy_per_token(logits, chunk_tokens=chunk), expected, 1e-5)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [0] * 5, [1] * 5], dtype=torch.bool)
-    for chunk in (1, 3, 1024):
-        total, num_tokens = entropy_sum(logits, mask, chunk_tokens=chunk)
-        assert math.isclose(float(total.detach()), float(expected[mask].sum()), rel_tol=1e-5)
-        assert float(num_tokens) == 8.0
-    empty_total, empty_count = entropy_sum(logits, torch.zeros(3, 5, dtype=torch.bool))
-    assert float(empty_total) == 0.0 and float(empty_count) == 0.0
+    assert_near(entropy(logits), expected, 1e-5)
+    assert torch.equal(entropy(logits, torch.logsumexp(logits, dim=-1)), entropy(logits))
+    with pytest.raises(ValueError, match="lse"):
+        entropy(logits, torch.zeros(3, 4))
 
 
-def test_entropy_gradient_flows_and_uniform_is_log_v():
+def test_entropy_gradient_flows_uniform_is_log_v_and_one_hot_is_zero():
     logits = torch.zeros(2, 3, 7, requires_grad=True)
-    total, _ = entropy_sum(logits, torch.ones(2, 3))
+    total = entropy(logits).sum()
     assert math.isclose(float(total.detach()), 6 * math.log(7), rel_tol=1e-6)
     (-total).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
-    with pytest.raises(ValueError):
-        entropy_sum(logits, torch.ones(2, 4))
+    one_hot = torch.full((1, 4), -1e4).index_fill_(1, torch.tensor([2]), 0.0)
+    assert float(entropy(one_hot)) == pytest.approx(0.0, abs=1e-6)

@@ -88,3 +88,36 @@ def test_heavy_libraries_have_thin_owners() -> None:
         for lib, owners in OWNERS.items():
             if _uses(names, lib):
                 assert rel.startswith(owners), f"{rel} imports {lib}; only {owners} may"
+
+
+def _public_functions(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+
+
+def _referenced_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_every_public_function_of_a_pure_module_is_called_by_production_code() -> None:
+    """The tested pure function must be the one that runs: a public function no production module uses
+    (tests do not count) is either dead or has an untested inline twin somewhere."""
+    used: set[str] = set()
+    for path in _modules():
+        used |= _referenced_names(path)
+    unused = [
+        f"{path.relative_to(ROOT).as_posix()}::{name}"
+        for path in _modules()
+        if path.relative_to(ROOT).as_posix().startswith(PURE)
+        for name in _public_functions(path)
+        if name not in used
+    ]
+    assert not unused, f"public functions of pure modules that no production code calls: {unused}"

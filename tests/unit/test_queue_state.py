@@ -6,9 +6,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 
-from shared.queue.state import QueueState
+from shared.queue.state import QueueState, keep_group
 from shared.types import Lease
 
 G = 4  # responses per group
@@ -290,3 +291,12 @@ def test_metrics_are_namespaced_and_lag_is_averaged_over_consumed_groups() -> No
     assert metrics["queue/version_lag_mean"] == 2.0 and metrics["queue/version_lag_max"] == 2.0
     assert "async/version_lag_mean" not in metrics  # per step, the learner reports its batch's lag
     assert metrics["queue/consumed"] == 4.0 and metrics["async/dropped_stale"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "flags, keep",
+    [([True, False, True], True), ([True, True], False), ([False, False, False], False), ([True], False), ([], False)],
+)
+def test_keep_group_keeps_only_groups_with_a_right_and_a_wrong_answer(flags: list[bool], keep: bool) -> None:
+    assert keep_group(flags) is keep
+    assert keep_group(np.array(flags, dtype=bool)) is keep
