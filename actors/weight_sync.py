@@ -37,7 +37,6 @@ engine is passed in).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from datetime import timedelta
@@ -46,15 +45,11 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from shared.weights import protocol as wp
+from shared.weights.group import mark_member, put
 
 log = logging.getLogger("vapo.actor.membership")
 _RETRY_S = 0.5
 _RECONNECT_TIMEOUT_S = 1.0
-
-
-def _put(store: dist.Store, key: str, value: bytes) -> None:
-    """store.set with bytes (the torch stubs say str; the binding takes bytes)."""
-    store.set(key, value)  # type: ignore[arg-type]
 
 
 def mark_left(master_addr: str, master_port: int, actor_id: int, *, timeout_s: float = 5.0) -> bool:
@@ -74,8 +69,7 @@ def mark_left(master_addr: str, master_port: int, actor_id: int, *, timeout_s: f
         member = wp.decode_member(raw)
         if member.state != "active":
             return False
-        left = wp.encode_member(dataclasses.replace(member, state="left"))
-        return bytes(store.compare_set(key, raw, left)) == left  # type: ignore[arg-type]
+        return mark_member(store, member, raw, "left")
     except (dist.DistError, ValueError) as e:
         log.warning("could not mark actor %d left in the weight group: %s", actor_id, str(e).splitlines()[0])
         return False
@@ -146,7 +140,7 @@ class WeightFollower:
     def register(self) -> None:
         """Write a new registration (the next epoch); the learner's next push includes this actor."""
         self.epoch += 1
-        _put(self.store, wp.member_key(self.actor_id), wp.encode_member(self._member()))
+        put(self.store, wp.member_key(self.actor_id), wp.encode_member(self._member()))
         log.info("actor %d registered with the weight group (epoch %d)", self.actor_id, self.epoch)
 
     def leave(self) -> None:
@@ -154,7 +148,7 @@ class WeightFollower:
         if self._store is None:
             return
         try:
-            _put(self.store, wp.member_key(self.actor_id), wp.encode_member(self._member("left")))
+            put(self.store, wp.member_key(self.actor_id), wp.encode_member(self._member("left")))
         except dist.DistError as e:
             log.info("could not deregister from the weight group (learner gone?): %s", str(e).splitlines()[0])
         self._store = None

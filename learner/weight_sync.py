@@ -59,7 +59,6 @@ Must not import actors, deploy or vllm.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -71,7 +70,7 @@ import torch.distributed as dist
 
 from shared.config import SyncConfig
 from shared.weights import protocol as wp
-from shared.weights.group import broadcast_from_root, make_weight_group
+from shared.weights.group import broadcast_from_root, make_weight_group, mark_member, put
 
 log = logging.getLogger("vapo.weight_sync")
 _READY_POLL_S = 0.25
@@ -211,11 +210,6 @@ class WeightSender:
         self._store = None
 
 
-def _put(store: dist.Store, key: str, value: bytes) -> None:
-    """store.set with bytes (the torch stubs say str; the binding takes bytes)."""
-    store.set(key, value)  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class PushReport:
     """What `MembershipManager.push` did: the push (None when nobody got it) and the membership changes."""
@@ -343,7 +337,7 @@ class MembershipManager:
     def _write_spec(self, name: str, slots: tuple[wp.Slot, ...], world_size: int, version: int) -> wp.GroupSpec:
         self._push_id += 1
         self.spec = wp.GroupSpec(name, world_size, version, self._push_id, slots)
-        _put(self.sender.store, wp.GROUP_SPEC_KEY, wp.encode_spec(self.spec))
+        put(self.sender.store, wp.GROUP_SPEC_KEY, wp.encode_spec(self.spec))
         return self.spec
 
     def _build(self, members: list[wp.Member], version: int, dropped: list[int]) -> bool:
@@ -358,7 +352,7 @@ class MembershipManager:
             spec = self._write_spec(name, slots, world_size, version)
             missing = self._not_ready(spec)
             if not missing:
-                _put(store, wp.go_key(name), b"1")
+                put(store, wp.go_key(name), b"1")
                 try:
                     self.sender.rebuild(world_size, name)
                     log.info("weight group %s: actors %s, world size %d", name, [s.actor_id for s in slots],
@@ -367,7 +361,7 @@ class MembershipManager:
                 except TimeoutError:  # ready, then gone before joining: the rest are stuck until their timeout
                     missing = self._not_joined(spec)
             else:
-                _put(store, wp.go_key(name), b"0")  # those waiting read the spec again
+                put(store, wp.go_key(name), b"0")  # those waiting read the spec again
             log.warning("weight group %s: actors %s did not come (dead: registration gone, or not ready within %s); "
                         "dropped", name, missing, self.join_timeout)
             self._drop([m for m in members if m.actor_id in missing])
@@ -420,9 +414,7 @@ class MembershipManager:
         """Exclude these registrations and mark them dropped (unless the actor registered again meanwhile)."""
         for m in members:
             self._excluded.add(m.identity)
-            marked = wp.encode_member(dataclasses.replace(m, state="dropped"))
-            key = wp.member_key(m.actor_id)
-            self.sender.store.compare_set(key, self._raw[m.actor_id], marked)  # type: ignore[arg-type]
+            mark_member(self.sender.store, m, self._raw[m.actor_id], "dropped")
 
     def close(self) -> None:
         """Close the group and the store."""
