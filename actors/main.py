@@ -1,7 +1,8 @@
 """The actor process: lease prompts, sample G responses each with vLLM, score, submit groups, follow the weights.
 
 `python -m actors.main CONFIG [key=value ...] --actor-id N [--model-path DIR]` runs one actor;
-`run_actor(cfg, actor_id, model_path=...)` is the same loop for launchers and tests.
+`run_actor(cfg, actor_id)` is the same loop for launchers and tests. The policy is `cfg.model.path`,
+a directory (the launcher resolves `builtin:tiny` once; `--model-path` overrides it).
 
 Set up: tokenizer, engine (seed `rollout.seed + actor_id`; float32 with a directly sized KV
 cache on CPU), two queue clients sharing one incarnation (the loop's, and the scoring thread's,
@@ -49,6 +50,7 @@ Must not import learner or deploy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -66,7 +68,7 @@ import torch
 from actors.engine import Engine
 from actors.rollout import Round, prompt_ids, score_round
 from actors.weight_sync import WeightFollower
-from shared.config import VapoConfig, load_config
+from shared.config import VapoConfig, load_config, resolve_auto
 from shared.queue.client import ActorClient, Broadcast, ClientSettings
 from shared.reward import math_verifier
 from shared.types import Lease
@@ -109,10 +111,6 @@ class ActorReport:
     def tokens_per_s(self) -> float:
         """Response tokens per second of generation."""
         return self.num_tokens / self.gen_seconds if self.gen_seconds else 0.0
-
-
-def _backend(name: str) -> str:
-    return ("nccl" if torch.cuda.is_available() else "gloo") if name == "auto" else name
 
 
 def cpu_kv_cache_bytes(model_path: str, cfg: VapoConfig) -> int:
@@ -348,23 +346,23 @@ class ActorLoop:
                 f"idle {r.idle_seconds:.1f}s, version {self.version}, statuses {dict(r.statuses)}")
 
 
-def run_actor(cfg: VapoConfig, actor_id: int, *, model_path: str, stop_event: Any = None,
-              engine: Any = None) -> ActorReport:
+def run_actor(cfg: VapoConfig, actor_id: int, *, stop_event: Any = None, engine: Any = None) -> ActorReport:
     """Run one actor until the queue says stop (or `stop_event` is set); returns its report.
 
-    `engine`: an `actors.engine.Engine` already running on `model_path` (it is then not shut
+    `engine`: an `actors.engine.Engine` already running on `cfg.model.path` (it is then not shut
     down here); None builds one from the config.
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     own_engine = engine is None
-    engine = build_engine(cfg, actor_id, model_path) if own_engine else engine
+    engine = build_engine(cfg, actor_id, cfg.model.path) if own_engine else engine
     settings = ClientSettings.from_config(cfg)
     client = ActorClient(settings, actor_id)
     submitter = ActorClient(settings, actor_id, incarnation=client.incarnation)
     follower = WeightFollower(engine, cfg.sync.master_addr, cfg.sync.master_port, actor_id,
-                              incarnation=client.incarnation, backend=_backend(cfg.sync.backend),
+                              incarnation=client.incarnation,
+                              backend=resolve_auto(cfg, torch.cuda.is_available()).sync.backend,
                               timeout_s=cfg.sync.timeout_s)
     try:
         client.start_heartbeat(cfg.queue.lease_timeout_s / 3)
@@ -389,14 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", default=None, help="the policy directory (default: model.path)")
     args = parser.parse_args(argv)
     cfg = load_config([x for x in args.items if "=" not in x], [x for x in args.items if "=" in x])
-    model_path = args.model_path or cfg.model.path
-    if model_path.startswith("builtin:"):
-        raise ValueError(f"model.path {model_path!r} must be resolved to a directory first (pass --model-path)")
+    if args.model_path is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model_path))
+    if cfg.model.path.startswith("builtin:"):
+        raise ValueError(f"model.path {cfg.model.path!r} must be resolved to a directory first (pass --model-path)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    report = run_actor(cfg, args.actor_id, model_path=model_path, stop_event=stop)
+    report = run_actor(cfg, args.actor_id, stop_event=stop)
     print(json.dumps({**asdict(report), "tokens_per_s": report.tokens_per_s}), flush=True)
     return 0
 

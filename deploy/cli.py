@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deploy.cluster import RunFailed
+from deploy.cluster import RunFailed, progress_line
 
 
 def _load(args: argparse.Namespace):  # -> VapoConfig, typed lazily to keep start-up light
@@ -131,15 +131,7 @@ def _status_lines(status: dict) -> list[str]:
         return [*lines, "job: none running"]
     where = ", ".join(f"{a}@{(node or 'starting')[:8]}" for a, node in sorted(job["actor_nodes"].items()))
     lines.append(f"job: {len(job['actors'])} actor(s) [{where}], {job['restarts']} restart(s)")
-    m = job["progress"]
-    if m:
-        lines.append(
-            f"  step {int(m.get('train/version', 0))} | reward {m.get('rollout/reward_mean', 0):+.3f}"
-            f" | acc {m.get('rollout/acc', 0):.3f} | len {m.get('rollout/len_mean', 0):.0f}"
-            f" | lag {m.get('async/version_lag_mean', 0):.2f}"
-        )
-    else:
-        lines.append("  no learner step yet")
+    lines.append(f"  {progress_line(job['progress'])}" if job["progress"] else "  no learner step yet")
     return lines
 
 
@@ -196,7 +188,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     """Run the replay queue service until SIGTERM/SIGINT."""
-    from deploy.launch import open_prompt_source
+    from shared.data.source import open_prompt_source
     from shared.queue.service import serve
 
     cfg = _load(args)

@@ -1,10 +1,11 @@
-"""What a run needs that is not Ray: placement arithmetic, address checks, the node processes, and the error
-a failed run ends with (`RunFailed`, which the CLI prints as one line without importing Ray).
+"""What a run needs that is not Ray: placement arithmetic, address checks, the node processes, the progress
+line of a learner step, and the error a failed run ends with (`RunFailed`, which the CLI prints as one line
+without importing Ray).
 
 Placement: a learner rank or an actor asks for one bundle (`resource_bundle`: its CPUs, GPUs and the
 custom resources of `deploy.learner_resources` / `deploy.actor_resources`). `placement_problem` says, from
 `ray.nodes()`, when the cluster could never hold the bundles (no node has a bundle's resources, or the
-cluster has fewer in all), so `deploy.launch.reserve` fails at once instead of waiting on a placement
+cluster has fewer in all), so `deploy.ray_actors.reserve` fails at once instead of waiting on a placement
 group that Ray would keep pending forever; the message names what was asked and what each node has.
 
 Connection: `ray.init` retries an address where nothing listens for many minutes, so `check_address`
@@ -44,11 +45,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psutil
 
-# ---- placement arithmetic (pure) -------------------------------------------------------------
+# ---- placement arithmetic and progress lines (pure) -------------------------------------------
 
 
 class RunFailed(RuntimeError):
     """The run ended because a process of it failed; the message says what and how to resume."""
+
+
+def progress_line(m: dict[str, float], total: int | None = None, eta_s: float | None = None) -> str:
+    """`step 7/40 | reward -0.500 | acc 0.250 | ... | ETA 1.2 min`: one learner step's metrics (`vapo train`,
+    `vapo status`); `/total` and the ETA only when given."""
+    step = f"step {int(m.get('train/version', 0))}" + (f"/{total}" if total is not None else "")
+    line = (
+        f"{step} | reward {m.get('rollout/reward_mean', 0):+.3f} | acc {m.get('rollout/acc', 0):.3f}"
+        f" | len {m.get('rollout/len_mean', 0):.0f} | lag {m.get('async/version_lag_mean', 0):.2f}"
+        f" | gen tok/s {m.get('perf/gen_tokens_per_s', 0):,.0f}"
+        f" | train tok/s {m.get('perf/train_tokens_per_s', 0):,.0f}"
+    )
+    return line + (f" | ETA {eta_s / 60:.1f} min" if eta_s is not None else "")
 
 
 def resource_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:

@@ -5,10 +5,12 @@ Layout of one checkpoint, `RUN_DIR/checkpoints/step_000040/`:
   saved sharded by every rank from FSDP's DTensors (no full gather);
 - `rng_rank{r}.pt`: each rank's torch RNG state (per-rank, so not in the deduplicated DCP);
 - `meta.json`: step, policy version, scheduler counters, the learner's shuffling RNG, the
-  model path and the queue's data cursor (whatever JSON the queue gave), written by rank 0
-  LAST, so a directory without `meta.json` is an incomplete checkpoint and is ignored.
+  model path (the learner's `model.path`, what `export_policy` builds the exported model
+  from) and the queue's data cursor (whatever JSON the queue gave), written by rank 0 LAST,
+  so a directory without `meta.json` is an incomplete checkpoint and is ignored.
 
-`latest(run_dir)` finds the newest complete one. Resuming restores everything above, so the
+`latest(run_dir)` finds the newest complete one; whoever starts a run looks it up once and
+passes it to every rank. Resuming restores everything above, so the
 next step computes exactly what an uninterrupted run would have.
 
 Failure modes: a crash mid-save leaves a directory without meta.json (skipped on resume);
@@ -61,9 +63,7 @@ def _state(learner: Learner) -> dict[str, Any]:
     return state
 
 
-def save(
-    learner: Learner, run_dir: str | Path, *, version: int, data_cursor: Any, model_path: str, keep: int = 2
-) -> Path:
+def save(learner: Learner, run_dir: str | Path, *, version: int, data_cursor: Any, keep: int = 2) -> Path:
     """Write a checkpoint of `learner` (every rank calls this) and prune all but the newest `keep`."""
     out = Path(run_dir) / "checkpoints" / f"step_{learner.step:06d}"
     if _rank() == 0 and out.exists():
@@ -77,7 +77,7 @@ def save(
         meta = {
             "step": learner.step,
             "version": version,
-            "model_path": model_path,
+            "model_path": learner.cfg.model.path,
             "data_cursor": data_cursor,
             "policy_sched": learner.policy_sched.state_dict(),
             "value_sched": learner.value_sched.state_dict() if learner.value_sched is not None else None,

@@ -10,7 +10,7 @@ Why the policy is gathered from the live model rather than exported from the che
 written: `export_policy` reads the checkpoint with torch.distributed.checkpoint, whose load is
 collective over the default process group, so rank 0 could not run it alone with several
 ranks. Here every rank takes part in the same one-tensor-at-a-time gathers a weight push does
-(`iter_full_params`), and rank 0 copies each tensor into a CPU model built from `model_path`,
+(`iter_full_params`), and rank 0 copies each tensor into a CPU model built from `model.path`,
 so memory beyond that model stays one tensor. The weights equal the final checkpoint's.
 
 Whether to do anything at all is agreed by an all-reduce (only rank 0 knows whether it has a
@@ -27,13 +27,17 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from learner.model import iter_full_params
+from shared.config import VapoConfig
+
+if TYPE_CHECKING:
+    from shared.tracking.tracker import Tracker
 
 log = logging.getLogger("vapo.learner")
 
@@ -72,18 +76,18 @@ def write_policy(policy: nn.Module, model_path: str, out_dir: str | Path) -> Pat
     return out
 
 
-def log_final_artifacts(policy: nn.Module, tracker: Any, model_path: str, *, log_policy: bool = True) -> None:
-    """End of a run, on every rank: rank 0 uploads the plots under `plots/` and (if `log_policy`, the same
-    on every rank) the policy under `policy/`."""
+def log_final_artifacts(cfg: VapoConfig, policy: nn.Module, tracker: Tracker | None) -> None:
+    """End of a run, on every rank: rank 0 uploads the plots under `plots/` and (with `tracking.log_policy`)
+    the policy under `policy/`, built on `model.path`."""
     if not _any_rank(tracker is not None):
         return
     t0 = time.perf_counter()
     if tracker is not None:
         tracker.log_plots()  # first: small, and the most useful if the policy upload fails
-    if not log_policy:
+    if not cfg.tracking.log_policy:
         return
     with tempfile.TemporaryDirectory(prefix="vapo-policy-") as tmp:
-        out = write_policy(policy, model_path, Path(tmp) / "policy")
+        out = write_policy(policy, cfg.model.path, Path(tmp) / "policy")
         if tracker is not None:
             assert out is not None, "rank 0 holds the tracker and writes the policy"
             tracker.log_artifact(out, "policy")

@@ -1,10 +1,15 @@
 """The learner process: set up, then loop (receive a batch, train, push weights, log, checkpoint).
 
-Reads top to bottom: `run_learner` sets up the process group, the models, the optimisers and
-(on rank 0) the queue client, the weight pusher and the tracker, then loops over rollout
-steps. Rank 0 is the only rank that talks to the queue, the actors and MLflow; it hands every
-rank whole prompt groups (round-robin), as wire-encoded msgpack bytes over the learner's own
-process group (nothing is pickled).
+`python -m learner.main CONFIG [key=value ...] --rank R --world-size N --init-method URL` runs
+one rank; `run_rank` is the same for launchers (the Ray actor around it only calls it) and tests.
+Reads top to bottom: `run_rank` resolves the `auto` device and backends, joins the learner's
+process group and, on rank 0, opens the MLflow run and uses `RankZero` (the embedded replay
+queue, its client and the weight group's membership manager); `run_learner` builds the models
+and optimisers, resumes from the checkpoint it is given, then loops over rollout steps. Rank 0
+is the only rank that talks to the queue, the actors and MLflow; it hands every rank whole
+prompt groups (round-robin), as wire-encoded msgpack bytes over the learner's own process group
+(nothing is pickled). The checkpoint to resume from is looked up once, by whoever starts the
+ranks (`main`, the launcher's driver), and passed down.
 
 Versions: the learner's policy version starts at the checkpoint's (0 for a fresh run) and
 goes up by one per push. A push is: every rank gathers full tensors one parameter at a time
@@ -12,15 +17,16 @@ goes up by one per push. A push is: every rank gathers full tensors one paramete
 broadcasts the weights. After a resume the first action is a push, so actors generate with
 the checkpoint's weights, never with stale ones.
 
-Stopping is collective. A stop request (SIGTERM in the main thread, or `stop_event`, which the
-Ray launcher sets on every rank when the driver gets SIGTERM/SIGINT or a rank's own process
-gets SIGTERM) is only looked at at a step boundary, through an all-reduce (MAX) of every rank's
-flag, so all ranks leave the loop after the same step and take part in the same checkpoint;
-a rank that left alone would hang the others in their next collective. The flags are reduced
-once before rank 0 takes a batch (so it does not take one it would not train on) and once
-after (rank 0 found the queue stopping). The checkpoint written on the way out holds the last
-finished step and the data cursor of that step's batch, so a batch taken but not trained is
-re-issued by the resumed queue.
+Stopping is collective. A stop request (SIGTERM in the main thread, through
+`shared.signals.SignalStop`, or `stop_event`, which the Ray launcher sets on every rank when
+the driver gets SIGTERM/SIGINT or a rank's own process gets SIGTERM) is only looked at at a
+step boundary, through an all-reduce (MAX) of every rank's flag, so all ranks leave the loop
+after the same step and take part in the same checkpoint; a rank that left alone would hang
+the others in their next collective. The flags are reduced once before rank 0 takes a batch
+(so it does not take one it would not train on) and once after (rank 0 found the queue
+stopping). The checkpoint written on the way out holds the last finished step and the data
+cursor of that step's batch, so a batch taken but not trained is re-issued by the resumed
+queue.
 
 Failure modes: no batch within the wait -> keep waiting (the wait is logged as idle time);
 a stop request -> finish the current step, checkpoint, exit (a stop seen only by a rank other
@@ -30,28 +36,34 @@ checkpoint, exit; a second SIGTERM -> the handler installed before (the process 
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
-import signal
+import os
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-import msgpack
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from learner import checkpoint
-from learner.batching import Rollout
+from learner.dist import scatter_groups
 from learner.final_artifacts import log_final_artifacts
 from learner.model import iter_full_params, load_policy, load_value_model, shard
 from learner.train_step import Learner
-from shared.config import VapoConfig
+from shared.config import VapoConfig, load_config, resolve_auto
+from shared.signals import SignalStop
 from shared.types import RolloutGroup
-from shared.wire import decode, encode, encode_group
+
+if TYPE_CHECKING:
+    from shared.tracking.tracker import Tracker
+    from shared.types import QueueStats
 
 log = logging.getLogger("vapo.learner")
 
@@ -79,59 +91,8 @@ class LearnerReport:
     metrics: list[dict[str, float]]
     stopped: bool = False
     """Ended early by a stop request, SIGTERM or the queue stopping (a checkpoint of `steps` was written)."""
-
-
-def rollouts_from_groups(groups: Sequence[RolloutGroup], first_group_index: int = 0) -> list[Rollout]:
-    """Flatten groups into the learner's per-response records (group index for group statistics)."""
-    out = []
-    for g_index, group in enumerate(groups, start=first_group_index):
-        for i in range(group.num_responses):
-            tokens, logprobs, versions = group.response(i)
-            out.append(
-                Rollout(
-                    prompt_ids=group.prompt_token_ids,
-                    response_ids=tokens,
-                    behavior_logprobs=logprobs,
-                    score=float(group.rewards[i]),
-                    correct=bool(group.correct[i]),
-                    group=g_index,
-                    policy_version=int(versions.min()) if len(versions) else group.policy_version,
-                )
-            )
-    return out
-
-
-def _groups_to_bytes(groups: Sequence[RolloutGroup]) -> bytes:
-    frames = encode("submit", {"actor_id": 0, "incarnation": 0}, [encode_group(g) for g in groups])
-    return msgpack.packb([bytes(memoryview(f)) for f in frames], use_bin_type=True)
-
-
-def _groups_from_bytes(data: bytes) -> list[RolloutGroup]:
-    frames = msgpack.unpackb(data, raw=False)
-    return decode(frames, max_bytes=len(data) + 1, kinds=("submit",)).groups
-
-
-def scatter_groups(groups: Sequence[RolloutGroup] | None) -> list[RolloutGroup]:
-    """Rank 0 passes the batch's groups; every rank gets its round-robin share of whole groups."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        assert groups is not None
-        return list(groups)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    size = torch.zeros(1, dtype=torch.long)
-    payload = b""
-    if rank == 0:
-        assert groups is not None
-        payload = _groups_to_bytes(groups)
-        size[0] = len(payload)
-    dist.broadcast(size, src=0)
-    buf = (
-        torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        if rank == 0
-        else torch.empty(int(size), dtype=torch.uint8)
-    )
-    dist.broadcast(buf, src=0)
-    everything = _groups_from_bytes(buf.numpy().tobytes())
-    return everything[rank::world]
+    run_id: str | None = None
+    """The MLflow run (rank 0 with tracking on)."""
 
 
 def batch_metrics(groups: Sequence[RolloutGroup], version: int) -> dict[str, float]:
@@ -148,10 +109,11 @@ def batch_metrics(groups: Sequence[RolloutGroup], version: int) -> dict[str, flo
     }
 
 
-def build_learner(cfg: VapoConfig, model_path: str, device: torch.device) -> Learner:
-    """Models (sharded when a process group exists), optimisers and the Learner around them."""
+def build_learner(cfg: VapoConfig, device: torch.device) -> Learner:
+    """Models of `cfg.model.path` (sharded when a process group exists), optimisers and the Learner around them."""
     from transformers import AutoTokenizer
 
+    model_path = cfg.model.path
     policy = load_policy(model_path, device=device)
     value = load_value_model(model_path, cfg.model.value_path, device=device) if cfg.algo.uses_critic else None
     ref = load_policy(model_path, device=device).requires_grad_(False) if cfg.algo.kl_coef > 0 else None
@@ -216,31 +178,116 @@ class Publisher:
             self.pusher.push(tensors, self.version)
 
 
+class RankZero:
+    """Learner rank 0's links to the rest of the run: the replay queue (in this process with `queue.embedded`,
+    started at a checkpoint's `cursor` and `version`), the queue's client and the weight group's membership
+    manager.
+
+    They bind their ports when constructed, so a taken one fails here, before anything connects, and stay
+    open until `close`, which comes after the actors have stopped: an actor that leaves deregisters in the
+    manager's store and may still be submitting to the queue.
+    """
+
+    def __init__(self, cfg: VapoConfig, *, cursor: Any = None, version: int = 0) -> None:
+        from learner.weight_sync import MembershipManager
+        from shared.data.source import open_prompt_source
+        from shared.queue.client import ClientSettings, LearnerClient
+        from shared.queue.service import QueueThread
+
+        cfg = resolve_auto(cfg, torch.cuda.is_available())
+        embedded = cfg.queue.embedded
+        self.queue = QueueThread(cfg, open_prompt_source(cfg), cursor=cursor, initial_version=version) if embedded \
+            else None
+        self.source = LearnerClient(ClientSettings.from_config(cfg, in_process=embedded))
+        self.pusher = MembershipManager.from_config(cfg.sync, cfg.sync.backend)
+
+    def close(self) -> QueueStats | None:
+        """Close the client and the membership store, then stop the embedded queue: its final stats (else None)."""
+        self.pusher.close()
+        self.source.close()
+        return self.queue.stop() if self.queue is not None else None
+
+
+def run_rank(
+    cfg: VapoConfig,
+    rank: int,
+    world_size: int,
+    init_method: str,
+    *,
+    resume_from: Path | None = None,
+    rank0: RankZero | None = None,
+    stop_event: threading.Event | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> LearnerReport:
+    """One learner rank: join the learner's process group on this process's device, then `run_learner`.
+
+    Rank 0 opens the MLflow run (a resume continues the one recorded in run_dir) and reaches the queue
+    and the actors through `rank0`; when none is given it opens its own, at `resume_from`'s cursor and
+    version, and closes it on the way out (`main`; the Ray launcher keeps one open until the actors stop).
+    """
+    cfg = resolve_auto(cfg, torch.cuda.is_available())
+    device = torch.device("cpu")
+    if cfg.learner.device == "cuda":  # LOCAL_RANK: several ranks on one node started by torchrun or by hand
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
+    dist.init_process_group(cfg.learner.backend, init_method=init_method, rank=rank, world_size=world_size)
+    own = rank == 0 and rank0 is None
+    tracker = None
+    try:
+        if own:
+            meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
+            cursor, version = (meta["data_cursor"], int(meta["version"])) if meta is not None else (None, 0)
+            rank0 = RankZero(cfg, cursor=cursor, version=version)
+        tracker = _open_tracker(cfg, resume_from) if rank == 0 else None
+        report = run_learner(cfg, source=rank0.source if rank0 else None, pusher=rank0.pusher if rank0 else None,
+                             device=device, tracker=tracker, resume_from=resume_from, stop_event=stop_event,
+                             on_step=on_step)
+    finally:
+        if tracker is not None:
+            tracker.close()
+        if own and rank0 is not None:
+            rank0.close()
+        dist.destroy_process_group()
+    report.run_id = tracker.run_id if tracker is not None else None
+    return report
+
+
+def _open_tracker(cfg: VapoConfig, resume_from: Path | None) -> Tracker | None:
+    """Rank 0's MLflow run (None with tracking off); a resume continues the run recorded in run_dir."""
+    from shared.tracking.tracker import Tracker, record_run, recorded_run
+
+    if not cfg.tracking.enabled:
+        return None
+    tracker = Tracker(cfg, run_id=recorded_run(cfg) if resume_from is not None else None)
+    record_run(cfg.run_dir, tracker)
+    return tracker
+
+
 def run_learner(
     cfg: VapoConfig,
     *,
-    model_path: str,
     source: BatchSource | None,
     pusher: WeightPusher | None,
     device: torch.device,
-    tracker: Any = None,
+    tracker: Tracker | None = None,
+    resume_from: Path | None = None,
     stop_event: threading.Event | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> LearnerReport:
     """Train until `learner.total_steps`, `learner.time_budget_s`, a stop request or SIGTERM; rank 0 passes
-    source/pusher/tracker.
+    source/pusher/tracker; every rank the same `resume_from` (a checkpoint directory, or None to start fresh).
 
     A stop (`stop_event` set on any rank, SIGTERM when running in the main thread, the queue
     stopping) takes effect at the next step boundary, on every rank at the same one: the loop
     ends, a checkpoint of the last finished step is written and the report says `stopped`.
     """
     stop = stop_event or threading.Event()
-    with sigterm_sets(stop):
+    with SignalStop(stop):
         is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
         torch.manual_seed(cfg.seed)
-        learner = build_learner(cfg, model_path, device)
+        learner = build_learner(cfg, device)
         publisher = Publisher(learner, pusher, source)
-        version, cursor, resumed = _resume(cfg, learner, publisher)
+        version, cursor, resumed = _resume(learner, publisher, resume_from)
         history: list[dict[str, float]] = []
         saved_step, stopped = (learner.step if resumed else -1), False  # a resumed step's checkpoint exists
         budget = cfg.learner.time_budget_s
@@ -258,7 +305,7 @@ def run_learner(
                 stopped = True
                 break
             wait_s = time.perf_counter() - t_wait
-            metrics = learner.train_step(rollouts_from_groups(scatter_groups(groups)))
+            metrics = learner.train_step(scatter_groups(groups))
             compute_s = time.perf_counter() - t_wait - wait_s
             if learner.step % cfg.sync.push_every == 0:
                 version += 1
@@ -273,18 +320,17 @@ def run_learner(
                 history.append(metrics)
                 _report(cfg, metrics, learner.step, tracker, on_step)
             if cfg.learner.checkpoint_every and learner.step % cfg.learner.checkpoint_every == 0:
-                checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
+                checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor)
                 saved_step = learner.step
         if stopped:
             log.info("stopping at step %d (version %d): checkpointing, then exiting", learner.step, version)
         if saved_step != learner.step:
-            checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor, model_path=model_path)
-        # rank 0: plots/ and policy/ to MLflow
-        log_final_artifacts(learner.policy, tracker, model_path, log_policy=cfg.tracking.log_policy)
+            checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor)
+        log_final_artifacts(cfg, learner.policy, tracker)  # rank 0: plots/ and policy/ to MLflow
     return LearnerReport(steps=learner.step, version=version, metrics=history, stopped=stopped)
 
 
-def _report(cfg: VapoConfig, metrics: dict[str, float], step: int, tracker: Any,
+def _report(cfg: VapoConfig, metrics: dict[str, float], step: int, tracker: Tracker | None,
             on_step: Callable[[dict[str, float]], None] | None) -> None:
     if tracker is not None and step % cfg.tracking.log_every == 0:
         tracker.log_metrics(metrics, step=step)
@@ -292,9 +338,8 @@ def _report(cfg: VapoConfig, metrics: dict[str, float], step: int, tracker: Any,
         on_step(metrics)
 
 
-def _resume(cfg: VapoConfig, learner: Learner, publisher: Publisher) -> tuple[int, Any, bool]:
-    """(version, data cursor, resumed): the latest checkpoint's when resuming (its weights pushed at once)."""
-    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume else None
+def _resume(learner: Learner, publisher: Publisher, ckpt: Path | None) -> tuple[int, Any, bool]:
+    """(version, data cursor, resumed): `ckpt`'s when given (its weights pushed at once), else a fresh start."""
     if ckpt is None:
         return 0, None, False
     meta = checkpoint.load(learner, ckpt)
@@ -302,36 +347,6 @@ def _resume(cfg: VapoConfig, learner: Learner, publisher: Publisher) -> tuple[in
     log.info("resumed from %s at step %d, version %d", ckpt, learner.step, version)
     publisher.push(version)  # before any actor generates: they wait for the learner's announced version
     return version, meta["data_cursor"], True
-
-
-@contextmanager
-def sigterm_sets(stop: threading.Event) -> Iterator[None]:
-    """While inside, SIGTERM sets `stop` (only in the main thread, where Python runs signal handlers).
-
-    A second SIGTERM goes to the handler that was installed before, so a stuck process can still
-    be ended the usual way. The previous handler is restored on the way out.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    installed = signal.getsignal(signal.SIGTERM)
-    previous = signal.SIG_DFL if installed is None else installed  # None: a handler installed outside Python
-
-    def handler(signum: int, frame: Any) -> None:
-        if not stop.is_set():
-            log.warning("SIGTERM: stopping at the next step boundary (after a checkpoint)")
-            stop.set()
-        elif callable(previous):
-            previous(signum, frame)
-        else:
-            signal.signal(signal.SIGTERM, previous)
-            signal.raise_signal(signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _should_stop(local: bool) -> bool:
@@ -355,3 +370,39 @@ def _next_batch(cfg: VapoConfig, source: BatchSource | None, stop: threading.Eve
             return None, None
         return batch.groups, batch.stats
     return None, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m learner.main CONFIG [key=value ...] [--rank R] [--world-size N] [--init-method URL]`: one rank.
+
+    The defaults follow torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/MASTER_PORT) when it is set;
+    without it, one rank of `learner.num_ranks`. `model.path` must be a directory (`vapo make-tiny-model`
+    prints the tiny model's); with `resume=true` every rank resumes from run_dir's latest checkpoint.
+    """
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="python -m learner.main", description="Run one learner rank.")
+    parser.add_argument("items", nargs="*", metavar="CONFIG|key=value", help="YAML files, then overrides")
+    parser.add_argument("--rank", type=int, default=int(env.get("RANK", "0")))
+    parser.add_argument("--world-size", type=int, default=int(env["WORLD_SIZE"]) if "WORLD_SIZE" in env else None,
+                        help="learner ranks in all (default: learner.num_ranks)")
+    parser.add_argument("--init-method", default="env://" if "MASTER_ADDR" in env else "tcp://127.0.0.1:29500",
+                        help="torch.distributed rendezvous of the learner's process group")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config([x for x in args.items if "=" not in x], [x for x in args.items if "=" in x])
+        if cfg.model.path.startswith("builtin:"):
+            raise ValueError(f"model.path {cfg.model.path!r} must be a directory (`vapo make-tiny-model` prints one)")
+    except ValueError as e:
+        print(f"python -m learner.main: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    resume_from = checkpoint.latest(cfg.run_dir) if cfg.resume else None
+    report = run_rank(cfg, args.rank, args.world_size or cfg.learner.num_ranks, args.init_method,
+                      resume_from=resume_from)
+    summary = {k: v for k, v in asdict(report).items() if k != "metrics"}
+    print(json.dumps({"rank": args.rank, **summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Prompt data: loading users' jsonl/parquet files or the built-in task, and a resumable prompt cursor.
+"""Prompt data: loading users' jsonl/parquet files or the built-in task into `PromptRecord`s.
 
 Owns the one place where rows become `PromptRecord`s, so every malformed row fails here,
 fast, with one line naming the file, the row and the field:
@@ -22,10 +22,8 @@ today) with `split`, `num` and `seed`; file paths ignore `split` and `seed` (a f
 split) and `num`, when given, keeps the first `num` records.
 
 `render_prompt` turns a record into the text the engine sees: the tokenizer's chat template
-when it has one, the plain prompt otherwise. `PromptSource` hands records out in a seeded
-per-epoch shuffled order and saves its cursor (epoch, index), so a run restored from a
-checkpoint neither repeats nor skips prompts; leases in flight at checkpoint time are the
-replay queue's concern, not this cursor's.
+when it has one, the plain prompt otherwise. The order the training prompts are handed out in,
+and its resumable cursor, are `shared.data.source`'s.
 
 Imports: stdlib only; pyarrow lazily, for parquet files. Must not import torch, zmq, ray,
 vllm or mlflow.
@@ -34,7 +32,6 @@ vllm or mlflow.
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,59 +214,3 @@ def _messages(raw: Any, key: str, where: str) -> tuple[tuple[str, str], ...]:
                 raise ValueError(f"{where}: field {key}[{i}].{part} must be a string")
         messages.append((message["role"], message["content"]))
     return tuple(messages)
-
-
-class PromptSource:
-    """Hands records out in a seeded, per-epoch shuffled order; its cursor can be saved and restored."""
-
-    def __init__(self, records: Sequence[PromptRecord], seed: int, shuffle: bool = True) -> None:
-        if not records:
-            raise ValueError("PromptSource needs at least one record")
-        self._records = records
-        self._seed = seed
-        self._shuffle = shuffle
-        self.epoch = 0
-        self.index = 0
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._records)))
-        if self._shuffle:
-            random.Random(f"prompts:{self._seed}:{epoch}").shuffle(order)
-        return order
-
-    def __iter__(self) -> Iterator[PromptRecord]:
-        return self
-
-    def __next__(self) -> PromptRecord:
-        if self.index == len(self._order):
-            self.epoch += 1
-            self.index = 0
-            self._order = self._epoch_order(self.epoch)
-        record = self._records[self._order[self.index]]
-        self.index += 1
-        return record
-
-    def take(self, num: int) -> list[PromptRecord]:
-        """The next `num` records (crossing epoch boundaries as needed)."""
-        if num < 0:
-            raise ValueError(f"num must be >= 0, got {num}")
-        return [next(self) for _ in range(num)]
-
-    def state_dict(self) -> dict[str, int | bool]:
-        """The cursor: epoch and index within it, plus what must match on restore."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self._seed,
-                "shuffle": self._shuffle, "num_records": len(self._records)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a cursor saved by `state_dict` over the same records, seed and shuffle setting."""
-        for key, mine in (("seed", self._seed), ("shuffle", self._shuffle), ("num_records", len(self._records))):
-            if state.get(key) != mine:
-                raise ValueError(f"prompt cursor: saved {key}={state.get(key)!r} but this source has {mine!r}")
-        epoch, index = state.get("epoch"), state.get("index")
-        if not isinstance(epoch, int) or not isinstance(index, int):
-            raise ValueError(f"prompt cursor: bad position epoch={epoch!r} index={index!r}")
-        if epoch < 0 or not 0 <= index <= len(self._records):
-            raise ValueError(f"prompt cursor: bad position epoch={epoch!r} index={index!r}")
-        self.epoch, self.index = epoch, index
-        self._order = self._epoch_order(epoch)

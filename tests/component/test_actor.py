@@ -49,7 +49,8 @@ from shared.config import (
     VapoConfig,
     to_yaml,
 )
-from shared.data.records import PromptSource, load_records
+from shared.data.records import load_records
+from shared.data.source import PromptSource
 from shared.queue.client import ClientSettings, LearnerClient
 from shared.queue.service import serve
 from shared.types import RolloutGroup
@@ -465,7 +466,7 @@ def test_actors_generate_follow_weights_and_survive_faults(random_engine, random
     learner = LearnerClient(ClientSettings.from_config(cfg))
     stop0, result0 = threading.Event(), {}
     actor0 = threading.Thread(target=lambda: result0.update(report=run_actor(
-        actor_cfg, 0, model_path=model_dir, stop_event=stop0, engine=live.engine)), name="actor-0", daemon=True)
+        actor_cfg, 0, stop_event=stop0, engine=live.engine)), name="actor-0", daemon=True)
     queue, proc = _start_queue(cfg), None
     t_start = time.perf_counter()
     try:

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from learner import checkpoint
-from learner.main import run_learner, sigterm_sets
+from learner.main import run_learner
 from shared.config import VapoConfig, load_config
 from shared.queue.client import ActorClient, ClientSettings, LearnerClient
 from shared.queue.service import serve
+from shared.signals import SignalStop
 from shared.tracking.tracker import Tracker, metric_history
 from shared.types import make_group
 from tests.component.test_queue_support import ListSource, free_port
@@ -62,10 +63,11 @@ def _synthetic_actor(settings: ClientSettings, stop: threading.Event, vocab: int
     client.close()
 
 
-def _loop_cfg(tmp_path: Path, *overrides: str) -> VapoConfig:
+def _loop_cfg(tmp_path: Path, model_dir: Path, *overrides: str) -> VapoConfig:
     return load_config(
         [],
         [
+            f"model.path={model_dir}",
             f"queue.port={free_port()}",
             f"queue.pub_port={free_port()}",
             "queue.max_staleness=1",
@@ -85,7 +87,7 @@ def _loop_cfg(tmp_path: Path, *overrides: str) -> VapoConfig:
 
 
 def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool, *overrides: str) -> tuple:
-    cfg = _loop_cfg(tmp_path, f"learner.total_steps={total_steps}", f"resume={str(resume).lower()}", *overrides)
+    cfg = _loop_cfg(tmp_path, random_model_dir, f"learner.total_steps={total_steps}", *overrides)
     stop = threading.Event()
     queue = threading.Thread(target=serve, args=(cfg, ListSource(1000)), kwargs={"stop_event": stop})
     queue.start()
@@ -97,11 +99,11 @@ def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool,
     try:
         report = run_learner(
             cfg,
-            model_path=str(random_model_dir),
             source=learner_client,
             pusher=None,
             device=torch.device("cpu"),
             tracker=tracker,
+            resume_from=checkpoint.latest(cfg.run_dir) if resume else None,
         )
         stats = learner_client.stats()
     finally:
@@ -134,30 +136,18 @@ def test_learner_loop_trains_checkpoints_logs_and_resumes(random_model_dir: Path
     assert ckpt is not None and checkpoint.read_meta(ckpt)["step"] == timed.steps
 
 
-def _rank_main(rank: int, cfg: VapoConfig, init_method: str, model_dir: str, events: mp.Queue) -> None:
-    """One learner rank in its own process; run_learner runs in the main thread, so SIGTERM reaches it."""
-    import torch.distributed as dist
+def _rank_main(rank: int, cfg: VapoConfig, init_method: str, events: mp.Queue) -> None:
+    """One learner rank in its own process (`run_rank`, as `python -m learner.main` runs it): rank 0's
+    client and membership store are its own; run_learner runs in the main thread, so SIGTERM reaches it."""
+    from learner.main import run_rank
 
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
-    source = LearnerClient(ClientSettings.from_config(cfg)) if rank == 0 else None
-    try:
-        report = run_learner(
-            cfg,
-            model_path=model_dir,
-            source=source,
-            pusher=None,
-            device=torch.device("cpu"),
-            on_step=lambda m: events.put(("step", int(m["train/version"]))),
-        )
-        events.put(("report", rank, report.steps, report.version, report.stopped))
-    finally:
-        if source is not None:
-            source.close()
-        dist.destroy_process_group()
+    report = run_rank(cfg, rank, 2, init_method, on_step=lambda m: events.put(("step", int(m["train/version"]))))
+    events.put(("report", rank, report.steps, report.version, report.stopped))
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(random_model_dir: Path, tmp_path: Path) -> None:
-    cfg = _loop_cfg(tmp_path, "learner.total_steps=50", "learner.checkpoint_every=0")
+    cfg = _loop_cfg(tmp_path, random_model_dir, "learner.total_steps=50", "learner.checkpoint_every=0",
+                    "queue.embedded=false", f"sync.master_port={free_port()}", "tracking.enabled=false")
     stop = threading.Event()
     queue = threading.Thread(target=serve, args=(cfg, ListSource(10_000)), kwargs={"stop_event": stop})
     queue.start()
@@ -166,8 +156,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(random_model_dir:
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    ranks = [ctx.Process(target=_rank_main, args=(r, cfg, init_method, str(random_model_dir), events))
-             for r in range(2)]
+    ranks = [ctx.Process(target=_rank_main, args=(r, cfg, init_method, events)) for r in range(2)]
     try:
         for proc in ranks:
             proc.start()
@@ -205,7 +194,7 @@ def test_sigterm_sets_the_stop_once_then_goes_to_the_previous_handler() -> None:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
     try:
         stop = threading.Event()
-        with sigterm_sets(stop):
+        with SignalStop(stop):
             signal.raise_signal(signal.SIGTERM)
             assert stop.is_set() and calls == []
             signal.raise_signal(signal.SIGTERM)  # a second one: the handler installed before

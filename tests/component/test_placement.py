@@ -1,4 +1,4 @@
-"""`deploy.launch.reserve` and `connect` against a real local Ray instance: placement fails fast, in one line.
+"""`deploy.ray_actors.reserve` and `deploy.launch.connect` on a real local Ray instance: placement fails fast.
 
 Ray's placement groups wait forever for resources that are missing; `reserve` fails at once when no
 node could ever hold a bundle, and after its timeout when the resources exist but are taken. The
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy import launch
+from deploy import launch, ray_actors
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,16 @@ def local_ray() -> Iterator[None]:
 def test_a_resource_no_node_has_fails_at_once(local_ray: None) -> None:
     expected = r"^actor 0: no node has \{'CPU': 1.0, 'gpu_node': 1.0\} \(cluster: .*'actor_node': 1.0"
     with pytest.raises(ValueError, match=expected) as e:
-        launch.reserve([{"CPU": 1.0, "gpu_node": 1.0}], "actor 0", timeout_s=3600)
+        ray_actors.reserve([{"CPU": 1.0, "gpu_node": 1.0}], "actor 0", timeout_s=3600)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"^learner \(3 rank\(s\)\): needs \{'CPU': 3.0\} in all"):
-        launch.reserve([{"CPU": 1.0}] * 3, "learner (3 rank(s))", timeout_s=3600)
+        ray_actors.reserve([{"CPU": 1.0}] * 3, "learner (3 rank(s))", timeout_s=3600)
 
 
 def test_taken_resources_fail_after_the_timeout_and_free_ones_are_reserved(local_ray: None) -> None:
     import ray
 
-    first = launch.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 0", timeout_s=60)
+    first = ray_actors.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 0", timeout_s=60)
     try:
         assert ray.available_resources().get("actor_node", 0.0) == 0.0
         started = time.monotonic()
@@ -50,13 +50,13 @@ def test_taken_resources_fail_after_the_timeout_and_free_ones_are_reserved(local
             r"\(free now: \{'CPU': 1.0, 'actor_node': 0.0\}"
         )
         with pytest.raises(ValueError, match=expected):
-            launch.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 1", timeout_s=2)
+            ray_actors.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 1", timeout_s=2)
         assert time.monotonic() - started >= 2  # it waited the timeout out
-        assert launch.reserve([{}], "nothing", timeout_s=1) is None  # a zero request needs no group
+        assert ray_actors.reserve([{}], "nothing", timeout_s=1) is None  # a zero request needs no group
     finally:
         ray.util.remove_placement_group(first)
     # the group was released: the same request fits again
-    again = launch.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 1", timeout_s=60)
+    again = ray_actors.reserve([{"CPU": 1.0, "actor_node": 1.0}], "actor 1", timeout_s=60)
     ray.util.remove_placement_group(again)
 
 

@@ -1,9 +1,10 @@
 """The replay queue embedded in learner rank 0's Ray actor (`queue.embedded`, the default), on a real local Ray.
 
-What the launcher relies on: `LearnerRank.start_queue` binds before it returns (so the actors and the
-learner's client find it), resumes from a checkpoint's cursor and version exactly as the queue in its
-own process does (no prompt consumed before the checkpoint comes again, the ones in flight come first),
-serves actors over TCP from inside the rank's process, and `stop_queue` hands back the final stats.
+What the launcher relies on: `LearnerRank.open` (rank 0's `learner.main.RankZero`) binds the queue
+before it returns (so the actors and the learner's client find it), resumes from a checkpoint's cursor
+and version exactly as the queue in its own process does (no prompt consumed before the checkpoint
+comes again, the ones in flight come first), serves actors over TCP from inside the rank's process,
+and `close` hands back the final stats.
 `QueueProcess`, the queue as a Ray actor of its own (`queue.embedded=false`), does the same. The
 learner's in-process (inproc) client is covered by test_queue_flow.py and, through `vapo train`, by
 tests/e2e/test_train_smoke.py.
@@ -16,10 +17,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from test_queue_support import make_cfg, synthetic_group
+from test_queue_support import free_port, make_cfg, synthetic_group
 
-from deploy import launch
-from shared.config import DataConfig
+from deploy import ray_actors
+from shared.config import DataConfig, SyncConfig
+from shared.data.source import open_prompt_source
 from shared.queue.client import ActorClient, ClientSettings, LearnerClient
 from shared.queue.service import QueueThread
 
@@ -41,11 +43,11 @@ def test_the_launchers_queue_resumes_from_a_checkpoint_cursor(local_ray: None, e
     import ray
 
     cfg = make_cfg(max_staleness=1, prompts_per_step=2, group_size=2)
-    cfg = dataclasses.replace(cfg, data=DataConfig(builtin_train_size=64))
+    cfg = dataclasses.replace(cfg, data=DataConfig(builtin_train_size=64), sync=SyncConfig(master_port=free_port()))
     rng = np.random.default_rng(0)
 
     # A first run (here, in this process): 4 prompts leased (the admission window), 2 consumed.
-    first = QueueThread(cfg, launch.open_prompt_source(cfg))
+    first = QueueThread(cfg, open_prompt_source(cfg))
     actor = ActorClient(ClientSettings.from_config(cfg), actor_id=0)
     learner = LearnerClient(ClientSettings.from_config(cfg, in_process=True))
     leases = actor.lease(4, 0).leases
@@ -61,10 +63,10 @@ def test_the_launchers_queue_resumes_from_a_checkpoint_cursor(local_ray: None, e
     # The resumed run, at the checkpoint's cursor and version 3: the queue in learner rank 0's process
     # (queue.embedded), or the Ray actor of its own the launcher starts for queue.embedded=false.
     if embedded:
-        host = launch.LearnerRank.options(num_cpus=0).remote()
-        ray.get(host.start_queue.remote(cfg, cursor, 3), timeout=120)
+        host = ray_actors.LearnerRank.options(num_cpus=0).remote()
+        ray.get(host.open.remote(cfg, cursor, 3), timeout=120)
     else:
-        host = launch.QueueProcess.options(num_cpus=0).remote(cfg, cursor, 3)
+        host = ray_actors.QueueProcess.options(num_cpus=0).remote(cfg, cursor, 3)
         assert ray.get(host.alive.remote(), timeout=120)  # constructed: bound
     try:
         actor = ActorClient(ClientSettings.from_config(cfg), actor_id=1)  # over TCP, as the rollout actors
@@ -76,7 +78,7 @@ def test_the_launchers_queue_resumes_from_a_checkpoint_cursor(local_ray: None, e
         assert len(set(resumed)) == 4 and all(x.policy_version == 3 for x in reply.leases)
         assert actor.submit([synthetic_group(x, 1, 3, 2, 8, rng) for x in reply.leases[:1]]) == ["accepted"]
         actor.close()
-        stats = ray.get((host.stop_queue if embedded else host.stop).remote(), timeout=60)
+        stats = ray.get((host.close if embedded else host.stop).remote(), timeout=60)
     finally:
         ray.kill(host)
     assert stats.leased == 4 and stats.queued == 1 and stats.in_flight == 3 and stats.identity_holds()

@@ -42,12 +42,13 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, uri: str, run_i
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     policy = _perturbed_policy(model_dir)
     shard(policy)
+    cfg = load_config([], [f"tracking.tracking_uri={uri}", f"model.path={model_dir}"])
     tracker = None
     if rank == 0:
-        tracker = Tracker(load_config([], [f"tracking.tracking_uri={uri}"]), system_metrics=False)
+        tracker = Tracker(cfg, system_metrics=False)
         for step in (1, 2, 3):
             tracker.log_metrics({"rollout/acc": 0.2 * step, "async/version_lag_max": 1.0}, step=step)
-    log_final_artifacts(policy, tracker, model_dir)
+    log_final_artifacts(cfg, policy, tracker)
     if tracker is not None:
         tracker.close()
         Path(run_id_file).write_text(tracker.run_id)
@@ -101,11 +102,11 @@ def test_policy_upload_can_be_switched_off(random_model_dir: Path, tmp_path: Pat
     from shared.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = load_config([], [f"tracking.tracking_uri={uri}", "tracking.log_policy=false"])
+    overrides = [f"tracking.tracking_uri={uri}", "tracking.log_policy=false", f"model.path={random_model_dir}"]
+    cfg = load_config([], overrides)
     tracker = Tracker(cfg, system_metrics=False)
     tracker.log_metrics({"rollout/acc": 0.5}, step=1)
-    log_final_artifacts(_perturbed_policy(str(random_model_dir)), tracker, str(random_model_dir),
-                        log_policy=cfg.tracking.log_policy)
+    log_final_artifacts(cfg, _perturbed_policy(str(random_model_dir)), tracker)
     tracker.close()
     artifacts = run_artifacts(tracker.run_id, uri)
     assert f"plots/{OVERVIEW_FILE}" in artifacts and not any(a.startswith("policy/") for a in artifacts)

@@ -190,13 +190,13 @@ def test_driver_signal_forwards_the_stop_once_then_aborts() -> None:
     """The driver's handler (no Ray instance needed): the first signal calls the forwarder, the second aborts."""
     import threading
 
-    from deploy.launch import _StopOnSignal
+    from deploy.launch import _stop_on_signal
 
     forwarded = threading.Event()
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with _StopOnSignal(forwarded.set) as signals:
+    with _stop_on_signal(forwarded.set) as signals:
         signal.raise_signal(signal.SIGTERM)
-        assert forwarded.wait(10) and signals.requested.is_set()
+        assert forwarded.wait(10) and signals.event.is_set()
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

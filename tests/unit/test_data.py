@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from shared.data.records import PromptRecord, PromptSource, load_records, render_prompt
+from shared.data.records import PromptRecord, load_records, render_prompt
+from shared.data.source import PromptSource
 from shared.data.tasks import arithmetic
 
 
