@@ -26,17 +26,13 @@ Decisions:
   probability `slip_prob` (a result off by 1 to 3 that the rest of the solution builds on,
   `arithmetic.slipped_solution`). The model learns the arithmetic (its most likely
   continuation is right: greedy accuracy) and also the slips (sampling at temperature 1, the
-  RL rollout setting, makes them: sampled accuracy), so RL has room to sharpen it. Measured
-  at builder version 3, seed 0, 1 thread, 4,000 steps: greedy 0.630, sampled 0.330 on the 200
-  held-out problems, in 1,893 s at a load of about 3 on 2 cores. 1,500 steps (591 s) gave
-  greedy 0.385 and sampled 0.185: undertrained (sampled accuracy still rising steeply, 1-step
-  problems 0.83 greedy), a ceiling that left RL too little room. Accuracy is measured every `eval_every`
-  steps for the log and at the end, by sampling on held-out test-split problems (top-k and
-  top-p off); the build fails unless the final sampled accuracy lies in [`min_accuracy`,
-  `max_accuracy`] (default 0.1 to 0.6).
-  Version 2 instead stopped at the first evaluation reaching a target accuracy, at a
-  constant learning rate of 3e-3 that trained poorly: an undertrained model whose samples
-  and greedy answers were both mostly wrong (pass@8 0.36), which left RL no room.
+  RL rollout setting, makes them: sampled accuracy), so RL has room to sharpen it. The
+  step count is fixed, not "until an accuracy": a model stopped early is undertrained, and
+  one whose samples and greedy answers are both mostly wrong leaves RL no room (README.md,
+  "What runs today", has the figures of each recipe). Accuracy is measured every
+  `eval_every` steps for the log and at the end, by sampling on held-out test-split problems
+  (top-k and top-p off); the build fails unless the final sampled accuracy lies in
+  [`min_accuracy`, `max_accuracy`] (default 0.1 to 0.6).
 - Cache: `vapo_tiny_model.json` in the directory holds the settings, their hash and the
   measured accuracies; a directory that already holds a build with the same hash is returned
   at once. A build is written to a temporary sibling and renamed into place, so an

@@ -20,7 +20,7 @@ Python step per token:
   [B, columns] tensors besides the two [B, T] outputs, and a small batch takes few kernels.
 
 Memory at B = 8192, T = 20480 in float32: the two outputs (1.25 GiB) plus about 60 MiB of pass
-temporaries and per-row tables ([B, 16, 16]); measured with `python bench/gae.py --large`.
+temporaries and per-row tables ([B, 16, 16]); `python bench/gae.py --large` prints it.
 On CPU much of the time goes to first-touch page faults of the two fresh outputs.
 
 Only non-negative integer powers of c <= 1 appear, so there is no division by small powers
