@@ -28,6 +28,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """`t` reduced in place over every rank (SUM by default), and returned."""
     if world_size() > 1:
@@ -35,9 +40,14 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """`t` reduced in place with MAX over every rank, and returned."""
+    return all_reduce(t, dist.ReduceOp.MAX)
+
+
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is set on any rank; every rank must call it at the same point."""
-    return bool(all_reduce(torch.tensor([1 if flag else 0]), dist.ReduceOp.MAX).item())
+    return bool(all_reduce_max(torch.tensor([1 if flag else 0])).item())
 
 
 def scatter_groups(groups: Sequence[RolloutGroup] | None) -> list[RolloutGroup]:

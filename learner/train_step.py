@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from learner import dist
@@ -165,7 +164,7 @@ class Learner:
 
     def _equalised(self, plan: list[list[int]]) -> list[list[int] | None]:
         """Pad the plan to the largest micro-batch count of any rank with `None` (zero-weighted)."""
-        most = int(dist.all_reduce(torch.tensor(len(plan), dtype=torch.long), torch_dist.ReduceOp.MAX).item())
+        most = int(dist.all_reduce_max(torch.tensor(len(plan), dtype=torch.long)).item())
         return list(plan) + [None] * (most - len(plan))
 
     def prepare(self, batch: RolloutBatch, value_only: bool, sums: Sums | None = None) -> list[list[int]]:
@@ -347,7 +346,7 @@ class Learner:
         ext_keys = sorted(self._extremes)
         signs = [-1.0 if k.endswith("/min") else 1.0 for k in ext_keys]
         ext = torch.tensor([s * self._extremes[k] for s, k in zip(signs, ext_keys, strict=True)], dtype=torch.float64)
-        ext = dist.all_reduce(ext, torch_dist.ReduceOp.MAX).tolist()
+        ext = dist.all_reduce_max(ext).tolist()
         num_mb = max(total["mini_batches"] / dist.world_size(), 1.0)
         tokens = max(total["train/response_tokens"], 1.0)
         count = max(total["rollout/count"], 1.0)
