@@ -1,10 +1,12 @@
 """One VAPO rollout step on the learner: proximal pass, advantages, mini-batch updates.
 
 Owns: the `Learner` (policy, value model, optional reference policy, their AdamW optimisers
-and learning-rate schedules, the learner process group) and the order of operations of a step:
+and learning-rate schedules) and the order of operations of a step, all on one
+`learner.batch.RolloutBatch` built from this rank's groups:
 
-1. proximal pass (no grad): `old_logprobs` and `values` of every response with the current
-   weights, micro-batched by a token budget;
+1. proximal pass (no grad): `old_logprobs` and `values` (and `ref_logprobs` with a KL term) of
+   every response with the current weights, micro-batched by a token budget, written into the
+   batch;
 2. advantages: token rewards (verifier score on the last token, plus the optional overlong
    punishment already in `score`), decoupled GAE — `returns` from lambda_critic, policy
    `advantages` from the per-sequence length-adaptive lambda_policy, both from the same old
@@ -20,7 +22,9 @@ lambda = 1 (Monte-Carlo) returns, and the policy is untouched.
 
 Ranks: each rank holds whole prompt groups (so group statistics stay local) and runs the same
 number of micro-batches per mini-batch (FSDP collectives must match): a rank with fewer runs
-zero-weighted padding micro-batches. Metrics are sums and counts all-reduced once per step.
+zero-weighted padding micro-batches. Metrics are sums and counts all-reduced once per step
+(`learner.dist`); statistics that need every rank's tokens (whitening, explained variance) are
+computed from all-reduced moment sums by the same `learner.algo` functions the tests test.
 """
 
 from __future__ import annotations
