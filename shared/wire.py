@@ -30,6 +30,9 @@ over every array on the second hop (and the Python cost of the per-field checks)
 `sign`/`verify` are the optional shared-secret mode: HMAC-SHA256 over the length-prefixed
 frames, appended by the transport as one more frame. They authenticate a peer; they do not
 stop a replay of a recorded message.
+
+Longer than ~400 lines: the schema of every message kind and the validation of every field are
+the module's whole job, and one file is where a reader checks what a peer may send.
 """
 
 from __future__ import annotations

@@ -65,13 +65,8 @@ def policy_loss_per_token(
     dual-clip), approx_kl_sum (k3 estimate of KL(old || current): r - 1 - log r >= 0),
     ratio_sum, num_tokens.
     """
-    _check_same_shape(
-        logprobs=logprobs,
-        old_logprobs=old_logprobs,
-        advantages=advantages,
-        response_mask=response_mask,
-        is_weights=is_weights,
-    )
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
+                      response_mask=response_mask, is_weights=is_weights)
     if not (0.0 <= clip_low < 1.0 and clip_high >= 0.0):
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1.0:
