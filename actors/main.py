@@ -28,6 +28,10 @@ Loop, reading top to bottom in `ActorLoop.run`:
    re-issued by the queue;
 5. score and submit in a one-thread pool, so round k is scored (and sent) while round k+1
    generates; at most one round waits there, which bounds memory when scoring is slower.
+   Each group is sent as soon as it is scored (`ActorClient.submit` takes the scoring
+   generator and keeps several requests in flight), and the thread waits for the round's
+   statuses once, after its last group; a `busy` queue is waited out there, so a full queue
+   holds the next round back.
 
 Weights at start: an actor holds `model.path`, which is version 0. It generates with them only
 when the learner's version is 0 (it waits for the first broadcast to know); otherwise it waits
@@ -72,7 +76,6 @@ from shared.config import VapoConfig, load_config, resolve_auto
 from shared.queue.client import ActorClient, Broadcast, ClientSettings
 from shared.reward import math_verifier
 from shared.types import Lease
-from shared.wire import WireError
 
 log = logging.getLogger("vapo.actor")
 _LOG_EVERY = 10
@@ -316,22 +319,19 @@ class ActorLoop:
         return self.version is not None
 
     def _score_and_submit(self, rnd: Round) -> None:
-        """Runs in the scoring thread: rewards, groups, submit (resent while the queue is away)."""
-        groups = score_round(rnd, self.cfg.reward, self.actor_id)
+        """Runs in the scoring thread: each group goes to the queue once scored; waits for every status."""
+        groups = score_round(rnd, self.cfg.reward, self.actor_id)  # a generator: scored as the submit takes them
         while True:
             try:
-                statuses = self.submitter.submit(groups)
+                statuses = self.submitter.submit(groups, timeout_s=3 * self.cfg.queue.request_timeout_s)
                 break
-            except TimeoutError:
+            except TimeoutError:  # the groups taken so far wait in the client; the next call carries them on
                 if self.stop_event.is_set():
-                    statuses = ["unsent"] * len(groups)
+                    statuses = ["unsent"] * len(rnd.leases)
                     break
-                log.warning("actor %d: the queue did not take %d groups; resending", self.actor_id, len(groups))
-            except WireError as e:  # the whole message was refused: nothing to resend
-                log.warning("actor %d: the queue refused %d groups: %s", self.actor_id, len(groups), e)
-                statuses = [f"rejected:{e.reason}"] * len(groups)
-                break
-        self.report.groups += len(groups)
+                log.warning("actor %d: the queue has not taken this round's groups yet (full or away); still trying",
+                            self.actor_id)
+        self.report.groups += len(statuses)
         for status, count in Counter(statuses).items():
             self.report.statuses[status] = self.report.statuses.get(status, 0) + count
 

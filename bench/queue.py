@@ -1,10 +1,12 @@
 """Replay-queue throughput against a bare ZeroMQ PUSH/PULL pair, measured side by side in one run.
 
 Queue path: actor processes lease prompts and submit real `RolloutGroup` messages to the
-real service, one group per `send` (pipelined: up to 8 submits and, beyond the first, 8 MiB
-of groups in flight per actor; groups sent while that window is full travel together, so
-large groups reach the queue several per message; leases on a connection of their own, as
-the real actor has); this process is the learner, taking
+real service the way the real actor does: one `submit` per lease of 8 prompts, fed by a
+generator, so each group leaves as it is made (pipelined: up to 8 submit requests and, beyond
+the first, 8 MiB of groups in flight per actor; groups made while that window is full travel
+together, so large groups reach the queue several per message) and the actor waits for the
+statuses once per lease; leases on a connection of their own, as the real actor has; this
+process is the learner, taking
 batches of 16 and publishing a new version after each. The service runs in a thread of the
 learner (`QueueThread`, inproc to the learner: how the launcher runs it by default,
 `queue.embedded=true`) and, second, in its own process (`queue.embedded=false`, and `vapo
@@ -134,7 +136,7 @@ def group_frames(group: RolloutGroup) -> list[Any]:
 
 
 def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
-    """Lease, then send one group per leased prompt (pipelined submits), until the queue says stop.
+    """Lease, then submit one group per leased prompt (pipelined, as the real actor does), until the queue says stop.
 
     Like the real actor, leases and submits use two connections, so a lease is not queued
     behind the submits in flight.
@@ -152,19 +154,13 @@ def actor_main(settings: ClientSettings, actor_id: int, tokens: int) -> None:
                 break
             if not reply.leases:  # no room until the learner publishes a version, which the queue broadcasts
                 client.poll_broadcast(timeout_s=max(reply.retry_after_s, 0.05))
-                for ticket_statuses in submitter.results().values():
-                    statuses.update(ticket_statuses)
                 continue
             if versions[0] != version:  # one read-only array per version: no per-group allocation the raw path lacks
                 versions = (version, np.full_like(template.token_versions, version))
-            for lease in reply.leases:
-                group = dataclasses.replace(template, lease_id=lease.lease_id, prompt_id=lease.prompt_id,
-                                            policy_version=version, token_versions=versions[1])
-                submitter.send([group])
-            for ticket_statuses in submitter.results().values():
-                statuses.update(ticket_statuses)
-        for ticket_statuses in submitter.flush(timeout_s=10).values():
-            statuses.update(ticket_statuses)
+            statuses.update(submitter.submit(
+                dataclasses.replace(template, lease_id=lease.lease_id, prompt_id=lease.prompt_id,
+                                    policy_version=version, token_versions=versions[1])
+                for lease in reply.leases))
     except TimeoutError:  # the queue has shut down
         pass
     if set(statuses) - {"accepted", "stale"}:
@@ -223,7 +219,7 @@ def run_queue(num_groups: int, tokens: int, num_actors: int, port: int, *, embed
         version += 1
         learner.publish_version(version)
     elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu  # the actors still run: they wait on leases
-    learner.stop()  # actors see `stopping` and exit; then the service
+    learner.control("stop")  # actors see `stopping` and exit; then the service
     for p in actors:
         p.join(20)
     learner.control("shutdown")

@@ -13,13 +13,12 @@ Failure modes.
   request id would lose it. Batch requests use a client name of their own, so `stats()` and
   `publish_version()` in between do not supersede them.
 - A rejected message (`error` reply) raises WireError with the queue's reason; it is not
-  resent. For a submit (`submit` or `send`) it becomes each of its groups' status instead
-  (`rejected:<reason>`).
-- Pipelined submits (`ActorClient.send`, `shared/queue/submit.py`): up to
-  `max_in_flight` submit requests (and `max_in_flight_bytes` of groups) travel at once, so an
-  actor does not wait a round trip per group; groups sent while the window is full go out
-  together. Every group gets its own final status. Closing the client abandons what is still
-  in flight: an actor that wants every status calls `flush` first.
+  resent. For a submit it becomes each of its groups' status instead (`rejected:<reason>`).
+- Pipelined submits (`ActorClient.submit`, `shared/queue/submit.py`): each group is sent as
+  the caller's iterable yields it, up to 8 submit requests (and 8 MiB of groups) travel at
+  once, and groups taken while that window is full go out together; the call returns once
+  every group has its final status. A submit that raised TimeoutError leaves its groups in
+  the client, and the next one carries them on; closing the client drops them.
 - Broadcasts (version, pause, stop) can be lost; the queue repeats them and every lease
   reply carries the version too.
 """
@@ -28,12 +27,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shared.config import VapoConfig
-from shared.queue.submit import DEFAULT_IN_FLIGHT_BYTES, SubmitPipeline
+from shared.queue.submit import SubmitPipeline
 from shared.queue.transport import Requester, Subscriber, endpoint, inproc_endpoints, load_secret
 from shared.types import LeaseReply, QueueStats, RolloutGroup
 from shared.wire import Buffer, Message, WireError, decode, encode
@@ -109,16 +108,13 @@ class _Client:
 class ActorClient(_Client):
     """An actor's connection: lease prompts, submit groups (pipelined), heartbeat, follow the broadcasts."""
 
-    def __init__(self, settings: ClientSettings, actor_id: int, *, incarnation: int | None = None,
-                 max_in_flight: int = 8, max_in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES) -> None:
+    def __init__(self, settings: ClientSettings, actor_id: int, *, incarnation: int | None = None) -> None:
         super().__init__(settings)
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else int.from_bytes(os.urandom(6))
         self._sub = Subscriber(settings.pub_address, secret=settings.secret)
         self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
-        self._pipeline = SubmitPipeline(self._rq, self._ids(), max_in_flight=max_in_flight,
-                                        max_in_flight_bytes=max_in_flight_bytes,
-                                        max_message_bytes=settings.max_message_bytes,
+        self._pipeline = SubmitPipeline(self._rq, self._ids(), max_message_bytes=settings.max_message_bytes,
                                         request_timeout_s=settings.request_timeout_s)
 
     def _ids(self) -> dict[str, int]:
@@ -130,59 +126,19 @@ class ActorClient(_Client):
         return LeaseReply(leases=b["leases"], retry_after_s=b["retry_after_s"], reason=b["reason"],
                           version=b["version"])
 
-    def submit(self, groups: Sequence[RolloutGroup], *, timeout_s: float | None = None) -> list[str]:
-        """Send groups and wait: one status per group, accepted, filtered, stale, late, duplicate or rejected:<reason>.
+    def submit(self, groups: Iterable[RolloutGroup], *, timeout_s: float | None = None) -> list[str]:
+        """Send each group as `groups` yields it, pipelined; one status per group once all are answered.
 
-        A `busy` queue (memory bound reached) is waited out: the groups are resent after its
-        retry hint until accepted or `timeout_s` (None: as long as it takes) passes, then
-        TimeoutError. TimeoutError too when the queue stays silent; the submit is then abandoned
-        (submitting the same groups again is safe: the queue answers `duplicate` for any it took).
+        A status is accepted, filtered, stale, late, duplicate or rejected:<reason>. A group
+        leaves without waiting for the replies to those before it (up to 8 requests in flight;
+        see `shared/queue/submit.py`), so a generator that scores groups overlaps the scoring
+        with their transfer. A `busy` queue (memory bound reached) is waited out: its groups are
+        resent after its retry hint. TimeoutError when one wait for the queue lasts `timeout_s`
+        (None: no limit; the time `groups` takes to yield does not count) or the queue stays
+        silent; the groups taken so far stay in the client and the next `submit` carries them
+        on, returning their statuses before its own.
         """
-        ticket = self._pipeline.send(groups, timeout_s=timeout_s)
-        try:
-            statuses = self._pipeline.wait(ticket)
-        except TimeoutError:
-            self._pipeline.abandon(ticket)
-            raise
-        if "busy" in statuses:
-            raise TimeoutError(f"the queue stayed full for {timeout_s}s")
-        return statuses
-
-    def send(self, groups: Sequence[RolloutGroup], *, timeout_s: float | None = None) -> int:
-        """Submit groups without waiting for the answer; returns a ticket whose statuses `results`/`flush` give.
-
-        While `max_in_flight` submits (or `max_in_flight_bytes` of groups) are unanswered, groups
-        wait in the client and go out together when a reply frees the window; `send` blocks only
-        while half a message's worth waits. A `busy` group is resent after the queue's hint until
-        `timeout_s` (None: no limit), then its final status is `busy`. See `shared/queue/submit.py`.
-        """
-        return self._pipeline.send(groups, timeout_s=timeout_s)
-
-    def results(self, timeout_s: float = 0.0) -> dict[int, list[str]]:
-        """Statuses of the tickets settled since the last call, waiting up to `timeout_s` for replies."""
-        return self._pipeline.results(timeout_s)
-
-    def flush(self, timeout_s: float | None = None) -> dict[int, list[str]]:
-        """Wait until every ticket is settled, then return `results()`.
-
-        Raises TimeoutError after `timeout_s` (None: no limit) or when the queue stays silent.
-        """
-        self._pipeline.wait_until(lambda: not self._pipeline.num_pending, timeout_s)
-        return self.results()
-
-    @property
-    def num_pending(self) -> int:
-        """Tickets sent and not settled yet."""
-        return self._pipeline.num_pending
-
-    @property
-    def in_flight(self) -> int:
-        """Requests sent on this client's connection whose reply has not arrived (at most `max_in_flight`)."""
-        return self._rq.in_flight
-
-    def heartbeat(self) -> None:
-        """Tell the queue this actor is alive (renews its leases)."""
-        self._call("heartbeat", self._ids())
+        return self._pipeline.submit(groups, timeout_s)
 
     def start_heartbeat(self, interval_s: float) -> None:
         """Heartbeat every `interval_s` from a background thread with its own socket (for long generations)."""
@@ -258,25 +214,9 @@ class LearnerClient(_Client):
         """The queue's counters now."""
         return self._call("get_stats", {}).body["stats"]
 
-    def cursor(self) -> dict[str, Any]:
-        """The prompt cursor now (prefer `Batch.stats.cursor`, which matches the batch trained on)."""
-        return self._call("get_cursor", {}).body["cursor"]
-
     def control(self, command: str) -> None:
         """pause, resume, stop (no more leases; actors are told to stop) or shutdown (the queue exits)."""
         self._call("control", {"command": command})
-
-    def pause(self) -> None:
-        """Stop granting leases and tell the actors to pause, until `resume`."""
-        self.control("pause")
-
-    def resume(self) -> None:
-        """Undo `pause`."""
-        self.control("resume")
-
-    def stop(self) -> None:
-        """No more leases or groups; the actors are told to stop. The queue keeps answering the learner."""
-        self.control("stop")
 
     def close(self) -> None:
         """Close the sockets."""

@@ -518,7 +518,7 @@ def test_actors_generate_follow_weights_and_survive_faults(random_engine, random
             assert {g.policy_version for g in groups} == {2}
             t_restart = time.perf_counter() - t0
 
-            learner.stop()  # the actors are told to stop
+            learner.control("stop")  # the actors are told to stop
             actor0.join(60)
             assert not actor0.is_alive()
             assert proc.wait(120) == 0, (tmp_path / "actor1.err").read_text()[-3000:]

@@ -32,7 +32,7 @@ def test_actor_processes_feed_full_batches_with_the_identity_holding_throughout(
             assert stats.identity_holds()
             assert stats.in_flight + stats.queued <= (1 + 1) * 6
             learner.publish_version(version + 1)
-        learner.stop()
+        learner.control("stop")
         time.sleep(0.2)
         stats = learner.stats()
         learner.close()

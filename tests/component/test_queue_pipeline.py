@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
@@ -15,6 +16,7 @@ from test_queue_support import ListSource, make_cfg, queue_thread, start_service
 
 from shared import wire
 from shared.queue.client import ActorClient, ClientSettings, LearnerClient
+from shared.queue.submit import SubmitPipeline
 from shared.queue.transport import Requester
 from shared.types import Lease, RolloutGroup
 
@@ -28,43 +30,54 @@ def _group(lease: Lease, actor_id: int = 1, **changes: object) -> RolloutGroup:
     return group
 
 
+def _pipeline(settings: ClientSettings, actor: ActorClient, **window: int) -> tuple[Requester, SubmitPipeline]:
+    """The submit side of `actor` on a connection of its own, with the window under test."""
+    rq = Requester(settings.address)
+    ids = {"actor_id": actor.actor_id, "incarnation": actor.incarnation}
+    return rq, SubmitPipeline(rq, ids, max_message_bytes=settings.max_message_bytes,
+                              request_timeout_s=settings.request_timeout_s, **window)
+
+
 def test_pipelined_submits_are_each_accounted_for_and_refused_groups_get_their_reason() -> None:
     cfg = make_cfg(max_staleness=100, prompts_per_step=8, group_size=2)
     settings = ClientSettings.from_config(cfg)
     with queue_thread(cfg, ListSource(100)):
-        actor, learner = ActorClient(settings, actor_id=1, max_in_flight=3), LearnerClient(settings)
+        actor, learner = ActorClient(settings, actor_id=1), LearnerClient(settings)
+        rq, pipeline = _pipeline(settings, actor, max_in_flight=3)
         leases = actor.lease(8, 0).leases
         assert len(leases) == 8
-        sends = [
-            ([_group(x) for x in leases[:2]], ["accepted", "accepted"]),
-            ([_group(leases[2], behavior_logprobs=np.zeros(1, np.float32))], ["rejected:length_mismatch"]),
-            ([_group(leases[3], actor_id=2)], ["rejected:wrong_actor"]),
-            ([_group(Lease(12345, 3, "q", "3", "synthetic", None, 0))], ["rejected:unknown_lease"]),
-            ([_group(x) for x in leases[4:8]], ["accepted"] * 4),
-            ([_group(leases[0])], ["duplicate"]),
-            ([], []),
+        cases = [
+            *[(_group(x), "accepted") for x in leases[:2]],
+            (_group(leases[2], behavior_logprobs=np.zeros(1, np.float32)), "rejected:length_mismatch"),
+            (_group(leases[3], actor_id=2), "rejected:wrong_actor"),
+            (_group(Lease(12345, 3, "q", "3", "synthetic", None, 0)), "rejected:unknown_lease"),
+            *[(_group(x), "accepted") for x in leases[4:8]],
+            (_group(leases[0]), "duplicate"),
         ]
-        tickets = {}
-        for groups, expected in sends:
-            tickets[actor.send(groups)] = expected
-            assert actor.in_flight <= 3
-        results = actor.flush(timeout_s=10)
-        assert results == tickets  # every ticket settled, with one final status per group
-        assert actor.num_pending == 0 and actor.in_flight == 0
+
+        def groups() -> Iterator[RolloutGroup]:
+            for group, _ in cases:
+                yield group  # sent before the next is taken, without waiting for its reply
+                assert rq.in_flight <= 3
+
+        assert pipeline.submit(groups(), timeout_s=10) == [status for _, status in cases]  # one final status each
+        assert rq.in_flight == 0 and pipeline.submit([]) == []
         stats = learner.stats()
         assert stats.queued == 6 and stats.duplicates == 1 and stats.identity_holds()
         # a malformed group is refused once more when it travelled with others and was then resent alone
         assert stats.rejected["wrong_actor"] == 1 and stats.rejected["unknown_lease"] == 1
         assert stats.rejected["length_mismatch"] in (1, 2) and len(stats.rejected) == 3
+        rq.close()
         actor.close()
         learner.close()
 
 
-def test_a_full_queue_answers_busy_and_pipelined_groups_are_resent_until_the_learner_makes_room() -> None:
+def test_a_full_queue_answers_busy_and_the_groups_are_resent_until_the_learner_makes_room() -> None:
     cfg = make_cfg(max_staleness=3, prompts_per_step=2, group_size=2, max_queued_groups=2)
     settings = ClientSettings.from_config(cfg)
     with queue_thread(cfg, ListSource(100)):
-        actor, learner = ActorClient(settings, actor_id=1, max_in_flight=4), LearnerClient(settings)
+        actor, learner = ActorClient(settings, actor_id=1), LearnerClient(settings)
+        rq, pipeline = _pipeline(settings, actor, max_in_flight=4)
         leases = actor.lease(6, 0).leases
         assert len(leases) == 6
         taken: list[int] = []
@@ -73,24 +86,22 @@ def test_a_full_queue_answers_busy_and_pipelined_groups_are_resent_until_the_lea
             for _ in range(3):
                 taken.extend(g.prompt_id for g in learner.get_batch(2, timeout_s=10).groups)
 
-        for x in leases:
-            actor.send([_group(x)])
-        settled: dict[int, list[str]] = {}
+        with pytest.raises(TimeoutError):  # two are taken, the other four are held back (busy) and resent
+            pipeline.submit([_group(x) for x in leases], timeout_s=0.5)
         deadline = time.monotonic() + 5
-        while len(settled) < 2:
+        while learner.stats().queued < 2:
             assert time.monotonic() < deadline
-            settled |= actor.results(0.05)
+            time.sleep(0.01)
         time.sleep(0.2)
-        assert settled | actor.results() == {1: ["accepted"], 2: ["accepted"]}  # the rest is held back: busy
-        assert learner.stats().queued == 2 and actor.num_pending == 4
+        assert learner.stats().queued == 2
         thread = threading.Thread(target=learn)
         thread.start()
-        results = actor.flush(timeout_s=10)
+        assert pipeline.submit([], timeout_s=10) == ["accepted"] * 6  # the next submit carries the six on
         thread.join(10)
-        assert results == {ticket: ["accepted"] for ticket in range(3, 7)}
         assert sorted(taken) == sorted(x.prompt_id for x in leases)
         stats = learner.stats()
         assert stats.consumed == 6 and stats.queued == 0 and stats.identity_holds()
+        rq.close()
         actor.close()
         learner.close()
 
@@ -149,27 +160,31 @@ def test_replies_below_the_ack_floor_are_released_and_their_resends_dropped() ->
 
 @pytest.mark.parametrize("window", [{"max_in_flight": 1}, {"max_in_flight": 8, "max_in_flight_bytes": 1}],
                          ids=["one_request", "one_byte"])
-def test_groups_sent_while_the_window_is_full_travel_together_and_a_refusal_is_sorted_out_per_group(
+def test_groups_taken_while_the_window_is_full_travel_together_and_a_refusal_is_sorted_out_per_group(
         window: dict[str, int]) -> None:
     """The window is full at `max_in_flight` requests, or at `max_in_flight_bytes` once one request is in flight."""
     cfg = make_cfg(max_staleness=100, prompts_per_step=8)
     settings = ClientSettings.from_config(cfg)
     proc, _ = start_service_process(cfg)
     try:
-        actor, learner = ActorClient(settings, actor_id=1, **window), LearnerClient(settings)
+        actor, learner = ActorClient(settings, actor_id=1), LearnerClient(settings)
+        rq, pipeline = _pipeline(settings, actor, **window)
         leases = actor.lease(3, 0).leases
         os.kill(proc.pid, signal.SIGSTOP)  # the queue answers nothing until SIGCONT
-        first = actor.send([_group(leases[0])])  # the one request in flight
-        bad = actor.send([_group(leases[1], behavior_logprobs=np.zeros(1, np.float32))])  # these two wait,
-        good = actor.send([_group(leases[2])])  # then go out as one message, which the queue refuses whole
-        assert actor.in_flight == 1 and actor.num_pending == 3
-        os.kill(proc.pid, signal.SIGCONT)
-        results = actor.flush(timeout_s=10)
-        assert results == {first: ["accepted"], bad: ["rejected:length_mismatch"], good: ["accepted"]}
+
+        def groups() -> Iterator[RolloutGroup]:
+            yield _group(leases[0])  # the one request in flight
+            yield _group(leases[1], behavior_logprobs=np.zeros(1, np.float32))  # these two wait,
+            yield _group(leases[2])  # then go out as one message, which the queue refuses whole
+            assert rq.in_flight == 1
+            os.kill(proc.pid, signal.SIGCONT)
+
+        assert pipeline.submit(groups(), timeout_s=10) == ["accepted", "rejected:length_mismatch", "accepted"]
         stats = learner.stats()
         assert stats.rejected == {"length_mismatch": 2}  # the pair, then the bad group alone
         assert stats.queued == 2 and stats.identity_holds()
         learner.control("shutdown")
+        rq.close()
         actor.close()
         learner.close()
     finally:
