@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -161,8 +162,6 @@ class LearnerRank:
         self._rank0 = RankZero(cfg, cursor=cursor, version=version)
 
     def run(self, cfg: VapoConfig, rank: int, world: int, init_method: str, resume_from: str | None) -> dict[str, Any]:
-        from pathlib import Path
-
         from learner.main import run_rank
 
         self._running = True
