@@ -118,7 +118,7 @@ class SubmitPipeline:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"the queue kept {self._unsettled} groups waiting for {timeout_s}s (full or away)")
-            wait = self.request_timeout_s if deadline is None else deadline - now
+            wait = self.request_timeout_s if deadline is None else min(self.request_timeout_s, deadline - now)
             if self._busy:
                 wait = min(wait, max(0.0, self._busy[0][0] - now))
             self._progress(wait)
