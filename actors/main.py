@@ -49,6 +49,9 @@ for leases or weights, and the engine's pauses for mid-round pushes), logged eve
 rounds and returned as an `ActorReport`.
 
 Must not import learner or deploy.
+
+Longer than ~400 lines: `ActorLoop` is one class whose steps share the engine, both queue
+clients and the weight follower; its setup and `main` are the rest.
 """
 
 from __future__ import annotations

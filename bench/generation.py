@@ -39,7 +39,7 @@ ms, but a lease call, mostly tail, gains less than the spread. Full runs at load
 4,000-4,600 tokens/s against transformers' best 3,000-3,250, a ratio of 1.2-1.5; at load 1.1-1.2
 (session 11) both ran ~3x faster, 12,384 against 8,796 tokens/s (1 prompt per call), a ratio of 1.4.
 
-Weight push: the real path, `learner.weight_sync.WeightSender` (bucketed, header, handshake) over
+Weight push: the real path, `learner.weight_sender.WeightSender` (bucketed, header, handshake) over
 a gloo group built by `shared.weights.group`, to two receivers:
 - the tiny model (its perturbed parameters, as the learner pushes `named_parameters()`) into two
   live vLLM engines through `actors.weight_receiver.WeightReceiver`, timed until both engines
@@ -90,7 +90,7 @@ from deploy.doctor import (  # noqa: E402
     resolve_model_path,
     with_peers,
 )
-from learner.weight_sync import WeightSender  # noqa: E402
+from learner.weight_sender import WeightSender  # noqa: E402
 from shared.config import VapoConfig, load_config  # noqa: E402
 from shared.data.records import load_records  # noqa: E402
 from shared.data.tasks.arithmetic import extract_answer  # noqa: E402

@@ -3,7 +3,7 @@
 Starts a real engine (`actors.engine.Engine`, float32) on a model, perturbs every parameter of
 a transformers copy of the same model (the tied embedding included, so the push must update
 vLLM's lm_head through `embed_tokens`), pushes the perturbed weights through the real
-`learner.weight_sync.WeightSender` -> `actors.weight_receiver.WeightReceiver` path over gloo,
+`learner.weight_sender.WeightSender` -> `actors.weight_receiver.WeightReceiver` path over gloo,
 and compares vLLM's prompt log-probs (`Engine.score`) on fixed token sequences with a
 transformers forward pass of the same weights (log-softmax at temperature 1). It also checks
 that the push changed vLLM's log-probs at all, so a push that silently did nothing fails.
@@ -95,7 +95,7 @@ def weight_sync_doctor(
     from transformers import AutoModelForCausalLM
 
     from actors.engine import Engine
-    from learner.weight_sync import WeightSender
+    from learner.weight_sender import WeightSender
 
     t0 = time.perf_counter()
     engine = Engine(

@@ -58,6 +58,10 @@ Failure modes.
   queue knows nothing of the old request ids and serves the request fresh.
 - A reply that cannot be routed (the requester went away) is kept in the cache, so the
   requester's resend still gets it.
+
+Longer than ~400 lines: it is the only module that imports zmq, so the three socket roles (the
+queue's `Server`, the clients' `Requester` with its at-most-once resends, the `Subscriber`) and
+the frame signing they share live here together.
 """
 
 from __future__ import annotations

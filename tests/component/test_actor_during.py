@@ -1,7 +1,7 @@
 """Weight pushes in the middle of a generation round (`actors.update_mode=during`) on the real vLLM CPU engine.
 
 The session's `random_engine` generates while the test plays the learner: a real
-`learner.weight_sync.WeightSender` (engine level) or `MembershipManager` (the actor loop's
+`learner.weight_sender.WeightSender` (engine level) or `MembershipManager` (the actor loop's
 `ActorLoop._generate` with a real `WeightFollower`) pushes perturbed weights over gloo while the
 round runs. Each response's token versions must switch from v to v + 1 at most once and never go
 back, and every behavior log-prob must be the one of the weights that sampled the token: the
@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from deploy.doctor import free_port, hf_logprobs, perturb_, with_peers
-from learner.weight_sync import MembershipManager, WeightSender
+from learner.weight_sender import WeightSender
+from learner.weight_sync import MembershipManager
 from shared.config import ActorConfig, RewardConfig, RolloutConfig, SyncConfig, VapoConfig
 from shared.types import Lease
 

@@ -31,7 +31,7 @@ from deploy.doctor import (
     weight_sync_doctor,
     with_peers,
 )
-from learner.weight_sync import WeightSender
+from learner.weight_sender import WeightSender
 
 TOL = 1e-4
 HOST = "127.0.0.1"

@@ -33,7 +33,8 @@ OWNERS = {
     "vllm": ("actors/engine.py", "actors/weight_receiver.py"),
     # the learner's process group and its collectives, FSDP, DCP checkpoints; the weight group on both sides
     "torch.distributed": (
-        "learner/dist.py", "learner/model.py", "learner/checkpoint.py", "learner/weight_sync.py",
+        "learner/dist.py", "learner/model.py", "learner/checkpoint.py", "learner/weight_sender.py",
+        "learner/weight_sync.py",
         "shared/weights/group.py", "actors/weight_sync.py", "actors/weight_receiver.py",
     ),
     # the bytes on the wire and in the weight group's store
