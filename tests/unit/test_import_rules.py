@@ -23,6 +23,7 @@ PURE = (
     "shared/weights/protocol.py",
     "shared/reward/",
     "shared/data/",
+    "shared/signals.py",
 )
 
 # The thin modules that own each heavy library (a prefix of the module path).
