@@ -82,12 +82,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from deploy.doctor import (  # noqa: E402
+    builtin_model_path,
     fixed_sequences,
     free_port,
     hf_logprobs,
     max_abs_diff,
     perturb_,
-    resolve_model_path,
     with_peers,
 )
 from learner.weight_sender import WeightSender  # noqa: E402
@@ -388,7 +388,7 @@ def main() -> None:
     seqs = max(tiny.actors.prompts_per_lease * G, tiny.actors.max_num_seqs)
     cfg = load_config([ROOT / "configs" / "tiny_cpu.yaml"],
                       [f"rollout.samples_per_prompt={G}", f"actors.max_num_seqs={seqs}"])
-    model_path = args.model_path or resolve_model_path(cfg.model.path)
+    model_path = args.model_path or builtin_model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     prompts, truths = arithmetic_prompts(tokenizer, num_prompts, args.seed, cfg.rollout.max_prompt_tokens)

@@ -143,7 +143,7 @@ def weight_sync_doctor(
     return diff
 
 
-def resolve_model_path(model_path: str) -> str:
+def builtin_model_path(model_path: str) -> str:
     """`builtin:tiny` -> the tiny model's directory (built on first use); any other path as is."""
     if model_path != "builtin:tiny":
         return model_path
@@ -155,6 +155,6 @@ def resolve_model_path(model_path: str) -> str:
 def cmd_weight_sync(model_path: str, tolerance: float = 1e-4, seed: int = 0, tensor_parallel_size: int = 1) -> int:
     """CLI entry of `vapo doctor weight-sync --model PATH`: 0 when parity holds within `tolerance`, else 1."""
     diff = weight_sync_doctor(
-        resolve_model_path(model_path), tolerance=tolerance, seed=seed, tensor_parallel_size=tensor_parallel_size
+        builtin_model_path(model_path), tolerance=tolerance, seed=seed, tensor_parallel_size=tensor_parallel_size
     )
     return 0 if diff <= tolerance else 1

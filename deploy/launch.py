@@ -72,9 +72,9 @@ CONTROLLER_NAME = "vapo-controller"
 def resolve_model_path(path: str) -> str:
     """`builtin:tiny` -> the tiny model's directory (built on first use); a directory must exist."""
     if path == "builtin:tiny":
-        from deploy.doctor import resolve_model_path as resolve_builtin
+        from deploy.doctor import builtin_model_path
 
-        return resolve_builtin(path)
+        return builtin_model_path(path)
     if Path(path).exists():
         return str(Path(path).resolve())
     if path.count("/") == 1 and not path.startswith((".", "/")):
