@@ -16,21 +16,26 @@ Decisions:
 - Tied input/output embeddings stay tied: the root FSDP unit holds both.
 - CPU runs keep float32 (gloo, no mixed precision); CUDA runs use FSDP2's MixedPrecisionPolicy
   with bf16 compute and fp32 gradient reduction.
-- Only the response slice of the logits is materialised (`logits_to_keep`). The full
-  `[b, R, vocab]` slice is still held in float32; for vocabularies of 150k and long responses,
-  keep `learner.micro_batch_tokens` small enough (a chunked loss is future work).
+- The policy's logits are never materialised for a whole micro-batch: `policy_forward` keeps the
+  final hidden states of the response positions (`logits_to_keep`) and `learner.algo.logprobs`
+  computes log-probs and entropies `learner.logprob_chunk_tokens` tokens at a time, recomputing
+  the logits in the backward (memory O(chunk x vocab), not O(R x vocab)), in float32 under bf16.
+  The chunked head runs inside the root module's call (hooks on the Hugging Face model, see
+  `_output_head_replaced`), so FSDP2 unshards the root's parameters for it as for the logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from learner.algo.losses import entropy as entropy_from_logits
+from learner.algo.logprobs import chunked_logprobs
 
 
 @dataclass
@@ -152,33 +157,73 @@ def policy_forward(
     mb: MicroBatch,
     *,
     temperature: float = 1.0,
+    chunk_tokens: int,
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs `[b, R]` of the response tokens (and their entropies `[b, R]` when asked).
+    """Log-probs `[b, R]` float32 of the response tokens (and their entropies `[b, R]` when asked).
 
     `temperature` divides the logits, so the log-probs are those of the distribution the
-    actors sampled from (vLLM applies the same scaling). The entropy is computed outside the
-    autograd graph unless `entropy_grad` (an entropy bonus) asks for its gradient.
+    actors sampled from (vLLM applies the same scaling). The logits exist only `chunk_tokens`
+    tokens at a time (`learner.algo.logprobs`); the entropy is outside the autograd graph unless
+    `entropy_grad` (an entropy bonus) asks for its gradient.
     """
-    num_resp = mb.response_mask.shape[1]
-    out = policy(
-        input_ids=mb.input_ids,
-        attention_mask=mb.attention_mask,
-        position_ids=mb.position_ids,
-        logits_to_keep=num_resp + 1,
-    )
-    logits = out.logits[:, :-1].float()  # [b, R, V]: hidden state at P-1+j predicts response token j
-    if temperature != 1.0:
-        logits = logits / temperature
     targets = mb.input_ids[:, mb.prompt_width :]
-    lse = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits, lse)
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # hidden [b, R + 1, H]: the state at P - 1 + j predicts response token j (the last one, past the response)
+        return chunked_logprobs(
+            hidden[:, :-1], weight, targets, temperature=temperature, chunk_tokens=chunk_tokens,
+            with_entropy=with_entropy, entropy_grad=entropy_grad and torch.is_grad_enabled(),
+        )
+
+    with _output_head_replaced(policy, head):
+        logprobs, entropy = policy(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            logits_to_keep=mb.response_mask.shape[1] + 1,
+        )
     return logprobs, entropy
+
+
+@contextmanager
+def _output_head_replaced(policy: nn.Module, head_fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Iterator[None]:
+    """For calls of `policy` inside the block: its output head computes no logits, and the call returns
+    `head_fn(hidden, weight)` instead of the Hugging Face output.
+
+    `hidden` is what the head would have read (the final norm's output at the `logits_to_keep`
+    positions), `weight` the head's weight as the forward uses it: under FSDP2 the unsharded
+    parameter in the compute dtype. The result replaces the root's output in a forward hook that
+    runs before FSDP2's post-forward hook, so FSDP2 treats it as the root's output: its
+    pre-backward hook on it unshards the root's parameters (embeddings, norm, head) for the
+    backward's recomputation of the logits, and gradients reach the head's weight (the input
+    embedding in a tied model) as they would through logits.
+    """
+    head = policy.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"the output head of {type(policy).__name__} has a bias; chunked log-probs support none")
+    if getattr(policy.config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"{type(policy).__name__} soft-caps its logits; chunked log-probs do not")
+    seen: dict[str, torch.Tensor] = {}
+
+    def take_head_input(module: nn.Module, args: tuple) -> tuple:
+        seen["hidden"], seen["weight"] = args[0], module.weight
+        return (args[0][:, :0],)  # the head computes [b, 0, V] logits
+
+    def replace_output(module: nn.Module, args: tuple, output: Any) -> Any:
+        assert "hidden" in seen, f"{type(policy).__name__}'s forward did not call its output head"
+        return head_fn(seen.pop("hidden"), seen.pop("weight"))
+
+    handles = [
+        head.register_forward_pre_hook(take_head_input),
+        policy.register_forward_hook(replace_output, prepend=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def value_forward(value_model: nn.Module, mb: MicroBatch) -> torch.Tensor:

@@ -185,14 +185,16 @@ class Learner:
     @torch.no_grad()
     def _proximal_pass(self, batch: RolloutBatch, plan: list[list[int]]) -> None:
         """old_logprobs, values (critic) and ref_logprobs (KL) of every response, under the current weights."""
-        temperature = self.cfg.rollout.temperature
+        temperature, chunk = self.cfg.rollout.temperature, self.cfg.learner.logprob_chunk_tokens
         for rows in self._equalised(plan):
             mb = batch.micro_batch(rows).to(self.device)
-            results = {"old_logprobs": policy_forward(self.policy, mb, temperature=temperature)[0]}
+            results = {"old_logprobs": policy_forward(self.policy, mb, temperature=temperature, chunk_tokens=chunk)[0]}
             if self.value_model is not None:
                 results["values"] = value_forward(self.value_model, mb)
             if self.ref_policy is not None:
-                results["ref_logprobs"] = policy_forward(self.ref_policy, mb, temperature=temperature)[0]
+                results["ref_logprobs"] = policy_forward(
+                    self.ref_policy, mb, temperature=temperature, chunk_tokens=chunk
+                )[0]
             if rows is not None:
                 for key, values in results.items():
                     batch.write(key, rows, values)
@@ -278,8 +280,8 @@ class Learner:
         algo = self.cfg.algo
         mask = mb.response_mask
         logprobs, entropy = policy_forward(
-            self.policy, mb, temperature=self.cfg.rollout.temperature, with_entropy=True,
-            entropy_grad=algo.entropy_coef > 0,
+            self.policy, mb, temperature=self.cfg.rollout.temperature,
+            chunk_tokens=self.cfg.learner.logprob_chunk_tokens, with_entropy=True, entropy_grad=algo.entropy_coef > 0,
         )
         per_token, pg_metrics = losses.policy_loss_per_token(
             logprobs, mb.data["old_logprobs"], mb.data["advantages"], mask, clip_low=algo.clip_low,

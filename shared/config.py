@@ -231,6 +231,8 @@ class LearnerConfig:
     """Token budget of one micro-batch (padded length x rows); responses are packed by length."""
     micro_batch_rows: int = 0
     """If > 0, fixed micro-batches of this many responses in arrival order instead of token-budget packing."""
+    logprob_chunk_tokens: int = 2048
+    """Tokens whose logits exist at once in the policy's log-prob and entropy (float32, [chunk, vocab])."""
     actor_lr: float = 1e-6
     """AdamW learning rate of the policy."""
     critic_lr: float = 2e-6
@@ -264,6 +266,7 @@ class LearnerConfig:
         _positive(self.ppo_epochs, "learner.ppo_epochs")
         _positive(self.micro_batch_tokens, "learner.micro_batch_tokens")
         _non_negative(self.micro_batch_rows, "learner.micro_batch_rows")
+        _positive(self.logprob_chunk_tokens, "learner.logprob_chunk_tokens")
         _positive(self.actor_lr, "learner.actor_lr")
         _positive(self.critic_lr, "learner.critic_lr")
         _non_negative(self.warmup_steps, "learner.warmup_steps")

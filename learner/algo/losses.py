@@ -1,4 +1,4 @@
-"""PPO losses of VAPO as pure functions: clipped surrogate, value loss, positive-example NLL, entropy.
+"""PPO losses of VAPO as pure functions: clipped surrogate, value loss, positive-example NLL.
 
 Each loss returns `(sum, metrics)`: a sum over the valid tokens of the micro-batch, never a
 mean. The train step all-reduces the global number of valid tokens once per mini-batch and
@@ -164,15 +164,3 @@ def positive_nll_sum(
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     return -torch.where(tokens, logprobs, zero).sum(), _count(tokens)
 
-
-def entropy(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy of softmax(logits) per position: logsumexp(z) - sum softmax(z) z; logits [..., V] -> [...].
-
-    `lse`: logsumexp(logits, -1) when the caller has it already (the log-prob computation does), so
-    both share it. Differentiable; call it under torch.no_grad() for a metric.
-    """
-    if lse is None:
-        lse = torch.logsumexp(logits, dim=-1)
-    elif lse.shape != logits.shape[:-1]:
-        raise ValueError(f"lse {tuple(lse.shape)} does not match logits {tuple(logits.shape)}")
-    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)

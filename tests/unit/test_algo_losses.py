@@ -1,4 +1,4 @@
-"""Policy, value, positive-NLL and entropy losses: formulas, clipping gradients, masking and metrics."""
+"""Policy, value and positive-NLL losses: formulas, clipping gradients, masking and metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from learner.algo.losses import (
-    entropy,
     policy_loss_per_token,
     positive_nll_sum,
     sequence_mean_loss,
@@ -263,22 +262,3 @@ def test_positive_nll_sums_correct_responses_only():
     with pytest.raises(ValueError, match="is_correct"):
         positive_nll_sum(logprobs, mask, correct[:2])
 
-
-def test_entropy_matches_categorical_with_or_without_the_callers_logsumexp():
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(3, 5, 11, generator=g) * 3
-    expected = torch.distributions.Categorical(logits=logits).entropy()
-    assert_near(entropy(logits), expected, 1e-5)
-    assert torch.equal(entropy(logits, torch.logsumexp(logits, dim=-1)), entropy(logits))
-    with pytest.raises(ValueError, match="lse"):
-        entropy(logits, torch.zeros(3, 4))
-
-
-def test_entropy_gradient_flows_uniform_is_log_v_and_one_hot_is_zero():
-    logits = torch.zeros(2, 3, 7, requires_grad=True)
-    total = entropy(logits).sum()
-    assert math.isclose(float(total.detach()), 6 * math.log(7), rel_tol=1e-6)
-    (-total).backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()
-    one_hot = torch.full((1, 4), -1e4).index_fill_(1, torch.tensor([2]), 0.0)
-    assert float(entropy(one_hot)) == pytest.approx(0.0, abs=1e-6)
