@@ -13,6 +13,10 @@ Layout of one checkpoint, `RUN_DIR/checkpoints/step_000040/`:
 passes it to every rank. Resuming restores everything above, so the
 next step computes exactly what an uninterrupted run would have.
 
+DCP coordinates the ranks (plans, metadata, the commit) with object collectives; they run on the
+learner's gloo control group (`learner.dist`), not on the device group, which carries only tensors
+on the training device. The shards themselves are written and read by each rank, not communicated.
+
 Failure modes: a crash mid-save leaves a directory without meta.json (skipped on resume);
 a checkpoint from a different world size loads (DCP reshards) but per-rank RNG files of
 missing ranks are ignored and those ranks re-seed.
@@ -61,7 +65,7 @@ def save(learner: Learner, run_dir: str | Path, *, version: int, data_cursor: An
         shutil.rmtree(out)
     ldist.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    dcp.save(_state(learner), checkpoint_id=str(out))
+    dcp.save(_state(learner), checkpoint_id=str(out), process_group=ldist.control_group())
     torch.save({"torch": torch.get_rng_state()}, out / f"rng_rank{ldist.rank()}.pt")
     ldist.barrier()
     if ldist.rank() == 0:
@@ -114,7 +118,7 @@ def load(learner: Learner, ckpt: str | Path) -> dict[str, Any]:
     """Restore `learner` in place from `ckpt` (every rank calls this); returns the meta dict."""
     meta = read_meta(ckpt)
     state = _state(learner)
-    dcp.load(state, checkpoint_id=str(ckpt))
+    dcp.load(state, checkpoint_id=str(ckpt), process_group=ldist.control_group())
     options = StateDictOptions(strict=True)
     set_model_state_dict(learner.policy, state["policy"], options=options)
     set_optimizer_state_dict(learner.policy, learner.policy_opt, state["policy_opt"])

@@ -7,8 +7,8 @@ process group and, on rank 0, opens the MLflow run and uses `RankZero` (the embe
 queue, its client and the weight group's membership manager); `run_learner` builds the models
 and optimisers, resumes from the checkpoint it is given, then loops over rollout steps. Rank 0
 is the only rank that talks to the queue, the actors and MLflow; it hands every rank whole
-prompt groups (round-robin), as wire-encoded msgpack bytes over the learner's own process group
-(nothing is pickled). The checkpoint to resume from is looked up once, by whoever starts the
+prompt groups (round-robin), as wire-encoded msgpack bytes over the learner's gloo control group
+(`learner.dist`; nothing is pickled). The checkpoint to resume from is looked up once, by whoever starts the
 ranks (`main`, the launcher's driver), and passed down.
 
 Versions: the learner's policy version starts at the checkpoint's (0 for a fresh run) and
@@ -55,7 +55,7 @@ from learner import checkpoint
 from learner import dist as ldist
 from learner.dist import scatter_groups
 from learner.final_artifacts import log_final_artifacts
-from learner.model import load_policy, load_value_model, shard
+from learner.model import compute_dtype, load_policy, load_value_model, shard
 from learner.publisher import Publisher, WeightPusher
 from learner.train_step import Learner
 from shared.config import VapoConfig, load_config, resolve_auto
@@ -105,7 +105,12 @@ def batch_metrics(groups: Sequence[RolloutGroup], version: int) -> dict[str, flo
 
 
 def build_learner(cfg: VapoConfig, device: torch.device) -> Learner:
-    """Models of `cfg.model.path` (sharded when a process group exists), optimisers and the Learner around them."""
+    """Models of `cfg.model.path`, optimisers and the Learner around them.
+
+    With a process group (every `run_rank`, also at world size 1) the models are sharded with FSDP2,
+    computing in `model.dtype` over float32 master weights, on CPU as on CUDA; without one (a learner
+    built in-process) they are not sharded and compute in float32 (see `learner.model`).
+    """
     from transformers import AutoTokenizer
 
     model_path = cfg.model.path
@@ -113,14 +118,13 @@ def build_learner(cfg: VapoConfig, device: torch.device) -> Learner:
     value = load_value_model(model_path, cfg.model.value_path, device=device) if cfg.algo.uses_critic else None
     ref = load_policy(model_path, device=device).requires_grad_(False) if cfg.algo.kl_coef > 0 else None
     if ldist.initialized():
-        mixed = device.type == "cuda" and cfg.model.dtype != "float32"
         for model in (policy, value, ref):
             if model is not None:
-                shard(
-                    model,
-                    mixed_precision=mixed,
-                    activation_checkpointing=cfg.learner.activation_checkpointing and model is not ref,
-                )
+                shard(model, dtype=compute_dtype(cfg.model.dtype),
+                      activation_checkpointing=cfg.model.gradient_checkpointing and model is not ref)
+    elif cfg.model.dtype != "float32":
+        log.warning("no process group: the models are not sharded and compute in float32, not model.dtype=%s",
+                    cfg.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Learner(cfg, policy, value, ref, pad_id=int(pad_id), device=device)

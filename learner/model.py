@@ -14,8 +14,15 @@ Decisions:
 - The value head reads the backbone's last hidden state at P - 1 + j, i.e. V(s_j) is the value
   of the state *before* response token j is emitted, matching GAE's r_j + V(s_{j+1}) - V(s_j).
 - Tied input/output embeddings stay tied: the root FSDP unit holds both.
-- CPU runs keep float32 (gloo, no mixed precision); CUDA runs use FSDP2's MixedPrecisionPolicy
-  with bf16 compute and fp32 gradient reduction.
+- Mixed precision is FSDP2's MixedPrecisionPolicy, on CPU as on CUDA (DESIGN.md section 7):
+  float32 master weights (what is loaded, optimised and checkpointed), `model.dtype` compute
+  (bf16 by default) and float32 gradient reduction. Without a process group nothing is sharded,
+  so there is no mixed precision and the models compute in float32 (`learner.main.build_learner`
+  warns). Every learner process has one, also at world size 1 (`run_rank`); only tests and tools
+  that build a learner in-process go without. An autocast there instead would be a second
+  mixed-precision scheme with other numerics (per-op casts, float32 norms and embeddings).
+- The value head computes in its weights' dtype (bf16 under the policy above), and its output is
+  cast to float32 after it: the backbone's bf16 hidden state goes into the head unconverted.
 - The policy's logits are never materialised for a whole micro-batch: `policy_forward` keeps the
   final hidden states of the response positions (`logits_to_keep`) and `learner.algo.logprobs`
   computes log-probs and entropies `learner.logprob_chunk_tokens` tokens at a time, recomputing
@@ -83,24 +90,25 @@ class ValueModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
+        """Values `[b, P + R]` in float32, computed in the dtype of the head's weights."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        head = self.value_head
+        values = head(out.last_hidden_state.to(head.weight.dtype)).squeeze(-1)
         # a fresh tensor, not a view: FSDP2 hooks the root's output for the backward pass
-        return self.value_head(out.last_hidden_state.float()).squeeze(-1).clone()
+        return values.to(torch.float32, copy=True)
 
 
-def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if device.type == "cpu":
-        return torch.float32
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `model.dtype` (float32, bfloat16, float16): what the models compute in."""
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_policy(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu") -> nn.Module:
-    """The policy: a Hugging Face causal LM, in float32 master weights (FSDP casts for compute)."""
+def load_policy(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The policy: a Hugging Face causal LM in float32 master weights (`shard` sets the compute dtype)."""
     from transformers import AutoModelForCausalLM
 
     if not Path(path).exists() and not str(path).count("/") == 1:
         raise ValueError(f"model.path {path!r} is neither a directory nor a hub id")
-    del dtype  # master weights stay float32; compute dtype comes from the FSDP mixed-precision policy
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.config.use_cache = False
     return model.to(device)
@@ -109,7 +117,8 @@ def load_policy(path: str | Path, *, dtype: str = "float32", device: str | torch
 def load_value_model(
     policy_path: str | Path, value_path: str | Path | None = None, *, device: str | torch.device = "cpu"
 ) -> ValueModel:
-    """The value model: the backbone of `value_path` (or of the policy) with a zero-initialised scalar head."""
+    """The value model: the backbone of `value_path` (or of the policy) with a zero-initialised scalar head,
+    in float32 master weights like the policy."""
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(str(value_path or policy_path), dtype=torch.float32)
@@ -128,9 +137,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(
-    model: nn.Module, *, mesh=None, mixed_precision: bool = False, activation_checkpointing: bool = False
+    model: nn.Module,
+    *,
+    mesh=None,
+    dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
 ) -> nn.Module:
     """Wrap `model` with FSDP2: one unit per decoder block, then the root (embeddings, norm, heads).
+
+    A `dtype` other than float32 is the compute dtype of FSDP's MixedPrecisionPolicy: parameters
+    are all-gathered and used in `dtype`, gradients reduced in float32 into the float32 master
+    weights. float32 adds no policy, so it computes exactly as unsharded float32 does.
 
     FSDP2 averages gradients over ranks; the train step, whose losses are already divided by
     global counts, multiplies them by the world size to turn that mean into the sum it needs
@@ -144,8 +161,8 @@ def shard(
         blocks = set(decoder_layers(model))
         apply_activation_checkpointing(model, check_fn=lambda m: m in blocks)
     kwargs: dict = {"mesh": mesh}
-    if mixed_precision:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in decoder_layers(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

@@ -69,9 +69,10 @@ class ModelConfig:
     value_path: str | None = None
     """Value model initialisation; None copies the policy weights (the paper uses a reward model)."""
     dtype: Dtype = "bfloat16"
-    """Parameter dtype on GPU (float32, bfloat16, float16); CPU runs always use float32."""
+    """Compute dtype (float32, bfloat16, float16): the learner's over float32 master weights, on CPU as on GPU;
+    the actors' vLLM dtype on GPU (vLLM-cpu actors run float32)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (activation checkpointing) to save memory."""
+    """Recompute each decoder block's activations in the backward pass (policy and value model) to save memory."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path", "must not be empty")
@@ -255,8 +256,6 @@ class LearnerConfig:
     """Stop (with a checkpoint) at the first step boundary after this many seconds of training; 0: no limit."""
     checkpoint_every: int = 50
     """Checkpoint every this many steps (and on SIGTERM); 0 only on SIGTERM and at the end."""
-    activation_checkpointing: bool = False
-    """Wrap transformer blocks with activation checkpointing."""
 
     def __post_init__(self) -> None:
         _positive(self.num_ranks, "learner.num_ranks")

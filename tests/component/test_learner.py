@@ -66,7 +66,7 @@ def _learner(model_dir: Path, cfg: VapoConfig, shard: bool = False) -> Learner:
     if shard:
         from learner.model import shard as fsdp_shard
 
-        checkpointing = cfg.learner.activation_checkpointing
+        checkpointing = cfg.model.gradient_checkpointing
         fsdp_shard(policy, activation_checkpointing=checkpointing)
         if value is not None:
             fsdp_shard(value, activation_checkpointing=checkpointing)
@@ -204,7 +204,7 @@ def _run(world: int, model_dir: Path, out: Path, *overrides: str) -> dict:
 def test_two_fsdp_ranks_equal_one(random_model_dir: Path, tmp_path: Path) -> None:
     one = _run(1, random_model_dir, tmp_path / "one.pt")
     # two ranks, with activation checkpointing too: neither may change losses or gradients
-    two = _run(2, random_model_dir, tmp_path / "two.pt", "learner.activation_checkpointing=true")
+    two = _run(2, random_model_dir, tmp_path / "two.pt", "model.gradient_checkpointing=true")
     for key, value in one["losses"].items():
         assert abs(value - two["losses"][key]) < 1e-5, key
     assert one["losses"]["loss/nll_pos"] > 0
