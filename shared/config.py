@@ -540,6 +540,10 @@ def _field_types(cls: Any) -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
+_MOVED = {"learner.activation_checkpointing": "model.gradient_checkpointing"}
+"""Keys that have another name now: the suggestion for them is their new name."""
+
+
 def _check_keys(data: Any, cls: Any, prefix: str, source: str) -> None:
     """Reject keys that are not fields of `cls` (recursively), suggesting the closest valid one."""
     if not isinstance(data, dict):
@@ -556,6 +560,8 @@ def _check_keys(data: Any, cls: Any, prefix: str, source: str) -> None:
                     if dataclasses.is_dataclass(t) and key in _field_types(t)
                 ][:1]
             hint = f"; did you mean {prefix}{close[0]!s}?" if close else ""
+            if full in _MOVED:
+                hint = f"; it is {_MOVED[full]} now"
             raise ValueError(f"{source}: unknown key {full!r}{hint}")
         sub = types[key]
         if dataclasses.is_dataclass(sub):

@@ -92,6 +92,8 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     message = _one_line_error([bad], [])
     assert "bad.yaml" in message and "learner.actor_lrr" in message and "learner.actor_lr" in message
     assert "unknown key 'nothing_like_it'" in _one_line_error([], ["nothing_like_it=1"])
+    moved = _one_line_error([], ["learner.activation_checkpointing=true"])  # one key for activation checkpointing
+    assert "it is model.gradient_checkpointing now" in moved
 
 
 def test_wrong_type_names_key_and_source() -> None:
