@@ -5,7 +5,8 @@ The model has Qwen2.5-0.5B's configuration (vocabulary 151,936, hidden 896, inte
 heads, 2 KV heads, tied embeddings, rope theta 1e6) with 2 decoder blocks, over the component tier's
 51-entry char tokenizer: the model's vocabulary exceeds the tokenizer's, as real Qwen's does. The
 ranks build the learner the way `run_rank` does (`build_learner` with a process group, so FSDP's
-MixedPrecisionPolicy: bf16 parameters and compute, float32 master weights and reductions), take a
+MixedPrecisionPolicy: bf16 parameters and compute, float32 master weights and reductions; with
+activation checkpointing of the policy's and the value model's blocks), take a
 step on rank 0's scattered groups, checkpoint, take a second step, and a fresh learner resumed from
 the checkpoint takes the second step with exactly the losses of the uninterrupted one. Batches are
 small (8 responses of 1 to 23 tokens, one micro-batch per rank) so that the 152k-vocabulary logits
@@ -47,6 +48,7 @@ OVERRIDES = [
     "learner.micro_batch_tokens=4096",  # one micro-batch per rank: each costs FSDP gathers of the 152k embedding
     "algo.value_pretrain_steps=0",
     "algo.kl_coef=0.01",  # a reference policy
+    "model.gradient_checkpointing=true",  # the trained models' blocks recompute their activations
     "learner.actor_lr=1e-4",
     "learner.critic_lr=1e-4",
     "learner.warmup_steps=0",
@@ -82,6 +84,7 @@ def _rank_main(rank: int, port: int, model_dir: str, run_dir: str) -> None:
     from learner import checkpoint
     from learner import dist as ldist
     from learner.main import build_learner
+    from learner.model import decoder_layers
     from shared.config import load_config
 
     torch.set_num_threads(1)
@@ -99,6 +102,8 @@ def _rank_main(rank: int, port: int, model_dir: str, run_dir: str) -> None:
 
         learner.policy.get_decoder().layers[0].mlp.register_forward_hook(record("policy_block"))
         learner.value_model.value_head.register_forward_hook(record("value_head"))
+        wrapped = [type(block).__name__ for m in (learner.policy, learner.value_model, learner.ref_policy)
+                   for block in decoder_layers(m)]
         masters = {p.dtype for m in (learner.policy, learner.value_model) for p in m.parameters()}
         before = (_checksum(learner.policy), _checksum(learner.value_model))
         first = learner.train_step(ldist.scatter_groups(_steps(0) if rank == 0 else None))
@@ -115,7 +120,7 @@ def _rank_main(rank: int, port: int, model_dir: str, run_dir: str) -> None:
             Path(run_dir, "result.json").write_text(json.dumps({
                 "first": {k: first[k] for k in KEYS}, "expected": {k: expected[k] for k in KEYS},
                 "got": {k: got[k] for k in KEYS}, "before": before, "after": after,
-                "masters": sorted(str(d) for d in masters), "compute": compute,
+                "masters": sorted(str(d) for d in masters), "wrapped": wrapped, "compute": compute,
             }))
     finally:
         ldist.destroy()
@@ -132,6 +137,8 @@ def test_two_bf16_ranks_train_checkpoint_and_resume(qwen_shaped_model_dir: Path,
         p.join(600)
     assert [p.exitcode for p in procs] == [0, 0]
     got = json.loads((tmp_path / "result.json").read_text())
+    # FSDP2 makes each CheckpointWrapper an FSDPCheckpointWrapper; the reference's blocks stay plain
+    assert [name.endswith("CheckpointWrapper") for name in got["wrapped"]] == [True] * 4 + [False] * 2, got["wrapped"]
     assert got["masters"] == ["torch.float32"]  # master weights; the compute below is bf16
     assert got["compute"] == {"policy_block": "torch.bfloat16", "value_head": "torch.bfloat16"}
     for metrics in (got["first"], got["expected"]):  # the two steps of the uninterrupted learner
