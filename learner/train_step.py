@@ -58,6 +58,12 @@ Sums = dict[str, torch.Tensor]
 """Named 0-dim float64 sums of one step, all-reduced together at its end."""
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A metric term as a float64 CPU tensor: the step's sums live on the host and are reduced over the
+    learner's gloo control group (NCCL has no CPU tensors; a CUDA term cannot be added to a CPU sum)."""
+    return t.detach().double().cpu()
+
+
 class GlobalCounts(NamedTuple):
     """What a mini-batch's losses are divided by: counts over every rank (at least 1)."""
 
@@ -266,7 +272,7 @@ class Learner:
                     clip=self.cfg.algo.value_clip,
                 )
                 (v_sum / counts.tokens * scale).backward()
-                sums["loss/value"] += v_sum.detach().double() * mb.weight / counts.tokens
+                sums["loss/value"] += _host(v_sum) * mb.weight / counts.tokens
 
     def _optimizer_step(self, value_only: bool, sums: Sums) -> None:
         if not value_only:
@@ -291,22 +297,22 @@ class Learner:
             loss = losses.sequence_mean_loss(per_token, mask)[0] / counts.sequences
         else:  # VAPO: token-level, over the global count of valid tokens of the mini-batch
             loss = per_token.sum() / counts.tokens
-        sums["loss/policy"] += loss.detach().double()
+        sums["loss/policy"] += _host(loss)
         for key, value in pg_metrics.items():
-            sums[f"pg/{key}"] += value.detach().double()
+            sums[f"pg/{key}"] += _host(value)
         assert mb.correct is not None and entropy is not None
         nll = losses.positive_nll_sum(logprobs, mask, mb.correct)[0] / counts.correct_tokens
-        sums["loss/nll_pos"] += nll.detach().double()
+        sums["loss/nll_pos"] += _host(nll)
         if algo.nll_coef > 0:
             loss = loss + algo.nll_coef * nll
         ent_sum = (entropy * mask).sum()
-        sums["entropy_sum"] += ent_sum.detach().double()
+        sums["entropy_sum"] += _host(ent_sum)
         if algo.entropy_coef > 0:
             loss = loss - algo.entropy_coef * ent_sum / counts.tokens
         if self.ref_policy is not None:
             kl = kl_lib.kl_penalty(logprobs, mb.data["ref_logprobs"], algo.kl_estimator, algo.kl_clamp)
             kl_sum = torch.where(mask > 0, kl, torch.zeros_like(kl)).sum()  # k3 can overflow on padding
-            sums["loss/kl"] += (kl_sum / counts.tokens).detach().double()
+            sums["loss/kl"] += _host(kl_sum / counts.tokens)
             loss = loss + algo.kl_coef * kl_sum / counts.tokens
         return loss
 
@@ -317,7 +323,7 @@ class Learner:
             norm = norm.full_tensor()
         opt.step()
         sched.step()
-        return norm.detach().double().cpu()
+        return _host(norm)
 
     # ---- metrics --------------------------------------------------------------------------
 
