@@ -5,8 +5,8 @@ and `actors` alike. Sub-commands parse `CONFIG [key=value ...]` the same way eve
 (`shared.config.load_config`), so a typo in any of them fails with the same one-line error.
 Errors meant for the user (ValueError from config or data) print one line and exit 2; a run
 that ends because one of its processes died (`deploy.cluster.RunFailed`, which names the
-checkpoint to resume from) prints one line and exits 1; anything else is a bug and keeps its
-traceback.
+checkpoint to resume from) prints one line and exits 1, as does `vapo plan` when a configuration does
+not fit its GPUs; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -59,6 +59,20 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--get", metavar="KEY", default=None, help="print only this dotted key's value (e.g. run_dir)")
     _add_config_args(p)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory the run needs per learner rank and per actor GPU; exit 1 naming a term that does not fit."""
+    from deploy.plan import make_plan, misfit, report_lines
+
+    cfg = _load(args)
+    plan = make_plan(cfg)
+    print("\n".join(report_lines(plan)))
+    problem = misfit(plan, cfg)
+    if problem is not None:
+        print(f"vapo plan: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -249,6 +263,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "status": (cmd_status, _status_args, "the Ray cluster's nodes and resources, and the running job"),
     "stop-nodes": (cmd_stop_nodes, _stop_nodes_args, "stop the Ray nodes started here with these temp dirs"),
     "config": (cmd_config, _config_args, "print the resolved configuration"),
+    "plan": (cmd_plan, _add_config_args, "the memory a run needs per learner GPU and actor GPU (deploy.gpu_memory_gb)"),
     "queue": (cmd_queue, _add_config_args, "run the replay queue service"),
     "make-tiny-model": (cmd_make_tiny_model, _tiny_args, "build the tiny Qwen2-style model and its tokenizer"),
     "make-data": (cmd_make_data, _make_data_args, "write the built-in arithmetic task as a jsonl/parquet dataset"),

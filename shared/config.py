@@ -447,12 +447,15 @@ class DeployConfig:
     """Custom Ray resources each learner rank requests, e.g. {learner_node: 1}."""
     placement_timeout_s: float = 60.0
     """Wait this long for free resources for the learner ranks or an actor, then fail naming what was missing."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GiB (80: an H100) that `vapo plan` checks each learner rank and actor GPU against."""
 
     def __post_init__(self) -> None:
         for key in ("learner_cpus", "learner_gpus", "actor_cpus", "actor_gpus"):
             _non_negative(getattr(self, key), f"deploy.{key}")
         _positive(self.health_check_s, "deploy.health_check_s")
         _positive(self.placement_timeout_s, "deploy.placement_timeout_s")
+        _positive(self.gpu_memory_gb, "deploy.gpu_memory_gb")
         for key in ("actor_resources", "learner_resources"):
             for name, amount in getattr(self, key).items():
                 _require(
