@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -114,17 +115,21 @@ def build_learner(cfg: VapoConfig, device: torch.device) -> Learner:
     from transformers import AutoTokenizer
 
     model_path = cfg.model.path
-    policy = load_policy(model_path, device=device)
-    value = load_value_model(model_path, cfg.model.value_path, device=device) if cfg.algo.uses_critic else None
-    ref = load_policy(model_path, device=device).requires_grad_(False) if cfg.algo.kl_coef > 0 else None
+    trained = frozen = None
+    ref_dtype = torch.float32
     if ldist.initialized():
-        for model in (policy, value, ref):
-            if model is not None:
-                shard(model, dtype=compute_dtype(cfg.model.dtype),
-                      activation_checkpointing=cfg.model.gradient_checkpointing and model is not ref)
+        dtype, checkpointing = compute_dtype(cfg.model.dtype), cfg.model.gradient_checkpointing
+        trained = partial(shard, dtype=dtype, activation_checkpointing=checkpointing)
+        # the reference is never optimised: it needs no float32 masters and is held in the compute dtype
+        ref_dtype, frozen = dtype, partial(shard)
     elif cfg.model.dtype != "float32":
         log.warning("no process group: the models are not sharded and compute in float32, not model.dtype=%s",
                     cfg.model.dtype)
+    policy = load_policy(model_path, device=device, wrap=trained)
+    value = load_value_model(model_path, cfg.model.value_path, device=device, wrap=trained) \
+        if cfg.algo.uses_critic else None
+    ref = load_policy(model_path, device=device, dtype=ref_dtype, wrap=frozen).requires_grad_(False) \
+        if cfg.algo.kl_coef > 0 else None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Learner(cfg, policy, value, ref, pad_id=int(pad_id), device=device)

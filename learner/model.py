@@ -1,7 +1,7 @@
 """Policy and value models of the learner, their FSDP2 wrapping and their forward passes.
 
 Owns: loading a Hugging Face causal LM as the policy, building the value model (the same
-kind of backbone with a scalar head), sharding both with FSDP2 (`fully_shard` per decoder
+kind of backbone with a scalar head, or a reward model's), sharding both with FSDP2 (`fully_shard` per decoder
 block, then the root) and the two forward passes the train step needs.
 
 Token layout (the whole learner uses it): a micro-batch is `[b, P + R]` with prompts
@@ -14,6 +14,12 @@ Decisions:
 - The value head reads the backbone's last hidden state at P - 1 + j, i.e. V(s_j) is the value
   of the state *before* response token j is emitted, matching GAE's r_j + V(s_{j+1}) - V(s_j).
 - Tied input/output embeddings stay tied: the root FSDP unit holds both.
+- Loading is sharded: a model is built on the meta device (buffers such as the rotary frequencies
+  are real), wrapped with FSDP2 while still empty, allocated on the training device and filled
+  from the checkpoint, each rank reading only the rows of its own dim-0 shards
+  (`learner.hf_checkpoint`). A rank never holds more than its shards plus one tensor's slice; no
+  rank reads for another (no broadcast from rank 0), so every rank needs the model directory.
+  The reference policy, never optimised, is held in the compute dtype when sharded.
 - Mixed precision is FSDP2's MixedPrecisionPolicy, on CPU as on CUDA (DESIGN.md section 7):
   float32 master weights (what is loaded, optimised and checkpointed), `model.dtype` compute
   (bf16 by default) and float32 gradient reduction. Without a process group nothing is sharded,
@@ -33,6 +39,7 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +50,9 @@ import torch
 from torch import nn
 
 from learner.algo.logprobs import chunked_logprobs
+from learner.hf_checkpoint import CheckpointReader, model_directory
+
+log = logging.getLogger("vapo.learner")
 
 
 @dataclass
@@ -103,31 +113,157 @@ def compute_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_policy(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The policy: a Hugging Face causal LM in float32 master weights (`shard` sets the compute dtype)."""
-    from transformers import AutoModelForCausalLM
+def load_policy(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> nn.Module:
+    """The policy: the Hugging Face causal LM of `path`, its parameters in `dtype` (float32 master weights for a
+    trained model), built on the meta device, wrapped by `wrap` (FSDP2's `shard`) and then filled with this
+    rank's rows of every checkpoint tensor (see `_materialise`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not Path(path).exists() and not str(path).count("/") == 1:
-        raise ValueError(f"model.path {path!r} is neither a directory nor a hub id")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    model.config.use_cache = False
-    return model.to(device)
+    model_dir = model_directory(path)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.use_cache = False
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = CheckpointReader(model_dir)
+    keys = {name: _checkpoint_key(reader, name, model_dir) for name, _ in model.named_parameters()}
+    return _materialise(model, device=device, wrap=wrap, read=lambda name, a, b: reader.rows(keys[name], a, b))
 
 
 def load_value_model(
-    policy_path: str | Path, value_path: str | Path | None = None, *, device: str | torch.device = "cpu"
+    policy_path: str | Path,
+    value_path: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> ValueModel:
-    """The value model: the backbone of `value_path` (or of the policy) with a zero-initialised scalar head,
-    in float32 master weights like the policy."""
-    from transformers import AutoModelForCausalLM
+    """The value model in float32 master weights, loaded like the policy: the backbone of `value_path` (a causal
+    LM, or a reward model) or of the policy, and a scalar head.
 
-    lm = AutoModelForCausalLM.from_pretrained(str(value_path or policy_path), dtype=torch.float32)
-    lm.config.use_cache = False
-    backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    model = ValueModel(backbone, lm.config.hidden_size)
-    if value_path is not None and (Path(value_path) / "value_head.pt").exists():
-        model.value_head.load_state_dict(torch.load(Path(value_path) / "value_head.pt", weights_only=True))
-    return model.to(device)
+    The head is a reward model's score head when `value_path` has one of the head's shape (`score.weight`
+    [1, hidden], as Hugging Face's sequence- and token-classification models with one label save it; its
+    bias, when there is one), else zero-initialised: V = 0 everywhere until value pretraining.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    model_dir = model_directory(value_path or policy_path)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.use_cache = False
+    with _parameters_on_meta():
+        backbone = AutoModel.from_config(config, dtype=torch.float32)
+        model = ValueModel(backbone, config.hidden_size)
+    reader = CheckpointReader(model_dir)
+    prefix = "backbone."
+    keys = {
+        name: _checkpoint_key(reader, name.removeprefix(prefix), model_dir, backbone.base_model_prefix)
+        for name, _ in model.named_parameters()
+        if name.startswith(prefix)
+    }
+    head = model.value_head
+    score = {"value_head.weight": "score.weight", "value_head.bias": "score.bias"}
+    for name, param in (("value_head.weight", head.weight), ("value_head.bias", head.bias)):
+        if score[name] in reader and reader.shape(score[name]) == tuple(param.shape):
+            keys[name] = score[name]
+    if "value_head.weight" not in keys:
+        keys.pop("value_head.bias", None)  # a bias without its weight is no head
+    log.info("value model from %s: %s head", model_dir, "its score" if "value_head.weight" in keys else "a zero")
+
+    def read(name: str, start: int, end: int) -> torch.Tensor:
+        if name in keys:
+            return reader.rows(keys[name], start, end)
+        shape = tuple(model.get_parameter(name).shape)  # a value-head tensor the checkpoint does not have
+        return torch.zeros((end - start, *shape[1:]) if shape else ())
+
+    return _materialise(model, device=device, wrap=wrap, read=read)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside the block get their parameters on the meta device (no memory) and their buffers
+    (rotary frequencies, computed in `__init__`) as usual; tied parameters stay one parameter."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _checkpoint_key(reader: CheckpointReader, name: str, model_dir: Path, prefix: str = "") -> str:
+    """The checkpoint key of parameter `name` (a backbone's may carry the prefix of its causal LM, or not)."""
+    candidates = [f"{prefix}.{name}", name] if prefix else [name]
+    for key in candidates:
+        if key in reader:
+            return key
+    raise ValueError(f"model.path {str(model_dir)!r}: the checkpoint has no tensor {' or '.join(candidates)}")
+
+
+def _materialise(
+    model: nn.Module,
+    *,
+    device: str | torch.device,
+    wrap: Callable[[nn.Module], nn.Module] | None,
+    read: Callable[[str, int, int], torch.Tensor],
+) -> nn.Module:
+    """Wrap the meta-device `model`, allocate its (local) parameters on `device` and fill them from `read`.
+
+    `read(name, start, end)` returns rows [start, end) of parameter `name`'s full tensor. Under FSDP2 a
+    parameter is a DTensor sharded on dim 0 and this rank reads only its shard's rows, so a rank's peak
+    while loading is its shards plus one slice, never a whole model; unsharded, a rank reads every row.
+    Buffers keep the values they were built with.
+    """
+    buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    if wrap is not None:
+        model = wrap(model)
+    places: dict[int, list[tuple[nn.Module, str]]] = {}  # a parameter -> where it is registered (tied: 2 places)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, name))
+    model.to_empty(device=device)
+    for (first, first_name), *others in places.values():  # to_empty makes a new parameter per registration
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer.to(device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local, start = _local_rows(param)
+            name = name.replace("_checkpoint_wrapped_module.", "")
+            rows = read(name, start, start + (local.shape[0] if local.dim() else 0))
+            if tuple(rows.shape[1:]) != tuple(local.shape[1:]) or rows.dim() != local.dim():
+                raise ValueError(f"checkpoint tensor of {name} has shape {tuple(rows.shape)}, the model's rows "
+                                 f"{tuple(local.shape)}")
+            local.copy_(rows)
+    return model
+
+
+def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's part of `param` (a tensor to write into) and the row of the full tensor it starts at."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return param.data, 0
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"sharded loading reads dim-0 shards of a 1-d mesh; got {param.placements}")
+    local = param.to_local()
+    rows, world, rank = param.shape[0], mesh.size(), mesh.get_local_rank()
+    per_rank = -(-rows // world)  # FSDP2 shards like torch.chunk: equal chunks, the last ones short or empty
+    start = min(rank * per_rank, rows)
+    assert local.shape[0] == min(per_rank, rows - start), (param.shape, local.shape, rank)
+    return local, start
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
