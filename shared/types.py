@@ -204,7 +204,7 @@ class QueueStats:
     """Sum over consumed groups of their version lag (mean = version_lag_sum / consumed)."""
     version_lag_max: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
-    """Messages rejected, by reason (malformed, unauthenticated, too_large, unknown_lease, ...)."""
+    """Messages rejected, by reason (malformed, unauthenticated, too_large, unknown_lease, wrong_actor, ...)."""
     cursor: dict = field(default_factory=dict)
     """Where the prompt stream stands: checkpoint it; `serve(..., cursor=...)` resumes from it."""
 

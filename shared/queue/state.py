@@ -79,6 +79,8 @@ class _Lease:
     lease_id: int
     seq: int
     actor_id: int
+    incarnation: int
+    """The holder: the actor and the incarnation (process) the lease was granted to."""
     deadline: float
 
 
@@ -134,7 +136,7 @@ class QueueState:
         self._next_lease = (int.from_bytes(os.urandom(2)) << 40) if lease_id_base is None else lease_id_base
         self._leases: dict[int, _Lease] = {}
         self._actors: dict[int, _Actor] = {}
-        self._closed: OrderedDict[int, str] = OrderedDict()
+        self._closed: OrderedDict[int, tuple[str, int, int]] = OrderedDict()  # how it ended, and its holder
         self._queue: list[_Queued] = []
         self._arrivals = 0
         self._retired = 0
@@ -215,7 +217,7 @@ class QueueState:
             seq = self._next_prompt()
             if seq is None:
                 return granted, "exhausted"
-            granted.append(self._grant(seq, actor_id, now))
+            granted.append(self._grant(seq, actor_id, incarnation, now))
         return granted, ""
 
     def _next_prompt(self) -> int | None:
@@ -234,9 +236,9 @@ class QueueState:
                 return seq
         return None
 
-    def _grant(self, seq: int, actor_id: int, now: float) -> Lease:
+    def _grant(self, seq: int, actor_id: int, incarnation: int, now: float) -> Lease:
         lease_id, self._next_lease = self._next_lease, self._next_lease + 1
-        self._leases[lease_id] = _Lease(lease_id, seq, actor_id, now + self.lease_timeout_s)
+        self._leases[lease_id] = _Lease(lease_id, seq, actor_id, incarnation, now + self.lease_timeout_s)
         self._actors[actor_id].leases.add(lease_id)
         self.stats.leased += 1
         record = self._pending[seq][0]
@@ -249,7 +251,7 @@ class QueueState:
         actor = self._actors.get(entry.actor_id)
         if actor is not None:
             actor.leases.discard(lease_id)
-        self._closed[lease_id] = how
+        self._closed[lease_id] = (how, entry.actor_id, entry.incarnation)
         if len(self._closed) > _CLOSED_CAP:
             self._closed.popitem(last=False)
         return entry
@@ -274,13 +276,20 @@ class QueueState:
 
     def submit(self, *, lease_id: int, prompt_id: int, actor_id: int, incarnation: int, policy_version: int,
                correct: Sequence[bool], nbytes: int, payload: Any, now: float) -> str:
-        """Take a group; returns accepted, filtered, stale, late, duplicate, busy or rejected:<reason>."""
+        """Take a group; returns accepted, filtered, stale, late, duplicate, busy or rejected:<reason>.
+
+        Only the lease's holder, the actor and incarnation it was granted to, may submit for it, also once
+        it has ended: a group from anyone else is `rejected:wrong_actor` and changes nothing of the lease.
+        """
         self.touch(actor_id, incarnation, now)
         entry = self._leases.get(lease_id)
+        closed = self._closed.get(lease_id) if entry is None else None
+        holder = (entry.actor_id, entry.incarnation) if entry is not None else closed[1:] if closed else None
+        if holder is not None and holder != (actor_id, incarnation):
+            return self.reject("wrong_actor")
         if entry is None:
-            closed = self._closed.get(lease_id)
-            if closed == "expired":
-                self._closed[lease_id] = "late"
+            if closed is not None and closed[0] == "expired":
+                self._closed[lease_id] = ("late", *closed[1:])
                 self.stats.expired_and_reissued -= 1
                 self.stats.rejected_late += 1
                 return "late"

@@ -171,6 +171,26 @@ def test_wrong_groups_are_rejected_and_counted() -> None:
     assert _submit(q, lease) == "accepted"  # the lease survived the bad attempts
 
 
+def test_only_the_holder_of_a_lease_may_submit_for_it() -> None:
+    q = _state(lease_timeout_s=5.0)
+    (lease,), _ = q.lease(0, 7, 0, 1, now=0)
+    assert _submit(q, lease, actor=1, incarnation=7) == "rejected:wrong_actor"  # another actor
+    assert _submit(q, lease, actor=0, incarnation=8) == "rejected:wrong_actor"  # the same id, another process
+    assert q.stats.rejected == {"wrong_actor": 2}
+    assert q.stats.duplicates == 0
+    assert _submit(q, lease, actor=0, incarnation=8, now=1) == "rejected:wrong_actor"  # its leases expired...
+    (again,), _ = q.lease(0, 8, 0, 1, now=1)  # ...so the restarted actor gets the prompt under a new lease
+    assert again.prompt_id == lease.prompt_id
+    assert _submit(q, lease, actor=1, incarnation=0, now=2) == "rejected:wrong_actor"  # an ended lease is held too
+    assert _submit(q, lease, actor=0, incarnation=7, now=2) == "late"  # the holder's late result
+    assert _submit(q, again, actor=2, incarnation=0, now=2) == "rejected:wrong_actor"
+    assert _submit(q, again, actor=0, incarnation=8, now=2) == "accepted"
+    assert _submit(q, again, actor=2, incarnation=0, now=2) == "rejected:wrong_actor"  # not a duplicate of it
+    assert q.stats.duplicates == 0 and q.stats.rejected == {"wrong_actor": 6}
+    assert q.take_batch(1) == [lease.prompt_id]
+    _check(q, 2)
+
+
 def test_dynamic_sampling_refills_then_hands_out_a_short_batch_after_bounded_rounds() -> None:
     q = _state(max_staleness=0, dynamic_sampling=True, max_filter_rounds=1)
     leased = 0
@@ -232,6 +252,8 @@ def _random_run(q: QueueState, rng: random.Random, steps: int, actors: dict[int,
             if not actors.get(actor):
                 continue
             lease = actors[actor].pop(rng.randrange(len(actors[actor])))
+            if rng.random() < 0.1:  # a hostile peer first tries the lease under another actor's name
+                assert _submit(q, lease, actor=actor + 1, now=now) == "rejected:wrong_actor"
             _submit(q, lease, actor=actor, now=now, correct=[rng.random() < 0.5 for _ in range(G)],
                     version=lease.policy_version - rng.randrange(2) if lease.policy_version else 0)
         elif op < 0.72:
