@@ -1,8 +1,10 @@
-"""`vapo plan`: the memory terms in closed form, the built-in shapes, the presets, and the CLI's one-line failure."""
+"""`vapo plan`: the memory terms in closed form, the built-in shapes, the presets, and the CLI's one-line failure.
+
+Shapes read from a directory's config.json (transformers) are tested in tests/component/test_plan_shapes.py.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,6 @@ from deploy.plan import (
     model_shape,
 )
 from shared.config import load_config
-
-pytestmark = pytest.mark.unit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted((CONFIGS / "model").glob("qwen2.5-*.yaml"))
@@ -113,21 +113,8 @@ def test_kv_cache_tokens() -> None:
     assert kv.bytes == pytest.approx(cfg.actors.gpu_memory_utilization * 80 * GIB - weights - plan.actor[1].bytes)
 
 
-def test_model_shapes_from_a_directory_a_hub_id_and_builtin_tiny(tmp_path: Path) -> None:
-    config = {
-        "model_type": "qwen2",
-        "vocab_size": 1000,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": False,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert model_shape(str(tmp_path)) == SMALL
+def test_hub_ids_with_a_built_in_shape_plan_offline() -> None:
     assert model_shape("Qwen/Qwen2.5-7B-Instruct") == KNOWN_SHAPES["Qwen/Qwen2.5-7B"]
-    assert model_shape("builtin:tiny").tied
     with pytest.raises(ValueError, match="model.path 'org/unknown'"):
         model_shape("org/unknown")
 
