@@ -37,8 +37,9 @@ The learner rank (FSDP2 shards every parameter, gradient and optimiser state eve
 - on CUDA a fixed allowance for the CUDA context, NCCL's buffers and allocator fragmentation. The
   CPU case has none: its figures are memory above the process's baseline (the torch runtime),
   which is what `bench/learner_memory.py` compares with.
-The terms are summed although some never coexist (the log-prob head's buffers and the last blocks'
-activations, say): the total is an upper estimate, within 25% of the measured peak on CPU.
+The terms are summed although some never coexist (the log-prob head's buffers live only around the
+head, the recomputed block only in the backward pass): the total is an upper estimate. On CPU it was
+1.035 x the measured peak (`bench/learner_memory.py`; the issue asks for 25%).
 
 An actor (one vLLM engine over `actors.tensor_parallel_size` GPUs, per GPU): the weights in
 `model.dtype` divided by the tensor-parallel size, vLLM's profiled forward peak, and the KV cache,
@@ -69,7 +70,7 @@ VLLM_BATCHED_TOKENS = 8192
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the plan needs of a decoder-only causal LM (Qwen2 / Llama layout: q/k/v biases, SwiGLU MLP)."""
+    """What the plan needs of a decoder-only causal LM (Qwen2 / Llama layout: GQA attention, SwiGLU MLP, RMSNorm)."""
 
     vocab_size: int
     hidden_size: int
@@ -82,6 +83,7 @@ class ModelShape:
     head_dim: int = 0
     """0: hidden_size // num_heads."""
     qkv_bias: bool = True
+    """q, k and v projections have biases (Qwen2), or not (Llama)."""
 
     @property
     def dim(self) -> int:
@@ -89,7 +91,7 @@ class ModelShape:
 
     @property
     def block_params(self) -> int:
-        """Parameters of one decoder block: attention (q, k, v with biases, o), MLP (gate, up, down), two norms."""
+        """Parameters of one decoder block: attention (q, k, v, their biases, o), MLP (gate, up, down), two norms."""
         h, q, kv = self.hidden_size, self.num_heads * self.dim, self.num_kv_heads * self.dim
         attention = h * (q + 2 * kv) + (q + 2 * kv) * self.qkv_bias + q * h
         return attention + 3 * h * self.intermediate_size + 2 * h
