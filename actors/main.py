@@ -34,7 +34,9 @@ Loop, reading top to bottom in `ActorLoop.run`:
    holds the next round back.
 
 Weights at start: an actor holds `model.path`, which is version 0. It generates with them only
-when the learner's version is 0 (it waits for the first broadcast to know); otherwise it waits
+while the learner's weights are version 0's (it waits for the first broadcast to know: the
+learner's version and the oldest version with the same weights, which stays 0 through value
+pretraining, where the policy does not change and nothing is pushed); otherwise it waits
 for a push that lists it (the learner includes registered actors at its next push, and pushes
 at once after a resume). A push that failed in the engine leaves it without usable weights
 until a later push succeeds (`version` is None meanwhile).
@@ -160,6 +162,7 @@ class ActorLoop:
         """The version of the engine's weights; None while they are unknown or unusable."""
         self.report = ActorReport(actor_id, exit_reason="")
         self._awaited: int | None = None  # the announced version whose spec was already waited for
+        self._initial_weights = True  # the engine holds model.path's weights (no push was taken part in yet)
         self._next_poll = 0.0  # monotonic time of the next store poll in a `during` round
 
     def run(self) -> ActorReport:
@@ -199,18 +202,23 @@ class ActorLoop:
         """Read the broadcasts; an exit reason, or '' to go on."""
         broadcast: Broadcast | None = self.client.poll_broadcast()
         if broadcast is not None:
-            self._saw_version(broadcast.version)
+            self._saw_version(broadcast.version, broadcast.weights_version)
             self.command = broadcast.command
         if self.stop_event.is_set():
             return "stop_event"
         return "stop" if self.command == "stop" else ""
 
-    def _saw_version(self, version: int) -> None:
-        first = self.learner_version is None
+    def _saw_version(self, version: int, weights_version: int) -> None:
+        """The learner is at `version`, whose weights are those of every version from `weights_version` on: an
+        engine holding one of them (model.path holds version 0's) takes `version` without a push."""
         self.learner_version = max(version, self.learner_version or 0)
-        if first and self.learner_version == 0 and self.version is None:
-            self.version = 0  # model.path holds version 0's weights
-            log.info("actor %d: the learner is at version 0; generating with the initial weights", self.actor_id)
+        held = 0 if self._initial_weights else self.version
+        if version != self.learner_version or held is None or not weights_version <= held <= version:
+            return
+        if self.version is None:
+            log.info("actor %d: the learner is at version %d, with the initial weights; generating with them",
+                     self.actor_id, version)
+        self.version = version
 
     def _update_weights(self) -> None:
         """Take part in the pushes that list this actor; wait for the spec of an announced version first."""
@@ -241,6 +249,7 @@ class ActorLoop:
 
     def _take_part(self, spec: Any) -> None:
         t0 = time.perf_counter()
+        self._initial_weights = False
         try:
             version = self.follower.take_part(spec)
         except Exception as e:  # vLLM reports a worker's failure as a plain Exception; see actors.weight_sync
@@ -266,7 +275,7 @@ class ActorLoop:
         except TimeoutError:  # the queue is away (restarting?): the client reconnects on the next request
             log.warning("actor %d: the queue did not answer; retrying", self.actor_id)
             return []
-        self._saw_version(reply.version)
+        self._saw_version(reply.version, reply.weights_version)
         if reply.leases:
             return reply.leases
         if reply.reason in _EXITS:

@@ -12,10 +12,11 @@ prompt groups (round-robin), as wire-encoded msgpack bytes over the learner's gl
 ranks (`main`, the launcher's driver), and passed down.
 
 Versions: the learner's policy version starts at the checkpoint's (0 for a fresh run) and
-goes up by one per push. A push is: every rank gathers full tensors one parameter at a time
+goes up by one per `sync.push_every` steps. A push is: every rank gathers full tensors one parameter at a time
 (FSDP), rank 0 publishes the new version through the queue (so actors know to receive) and
 broadcasts the weights. After a resume the first action is a push, so actors generate with
-the checkpoint's weights, never with stale ones.
+the checkpoint's weights, never with stale ones. Value-pretraining steps leave the policy as it
+is: their versions are announced as having the last pushed weights, and nothing is pushed.
 
 Stopping is collective. A stop request (SIGTERM in the main thread, through
 `shared.signals.SignalStop`, or `stop_event`, which the Ray launcher sets on every rank when
@@ -261,11 +262,13 @@ def run_learner(
                 stopped = True
                 break
             wait_s = time.perf_counter() - t_wait
+            policy_changes = learner.trains_policy()
             metrics = learner.train_step(scatter_groups(groups))
             compute_s = time.perf_counter() - t_wait - wait_s
             if learner.step % cfg.sync.push_every == 0:
-                version += 1
-                metrics["sync/push_seconds"] = publisher.push(version)
+                version += 1  # also in value pretraining: admission and staleness count versions
+                metrics["sync/push_seconds"] = publisher.push(version) if policy_changes \
+                    else publisher.announce_unchanged(version)
             if is_rank0:
                 assert groups is not None and stats is not None
                 cursor = stats.cursor

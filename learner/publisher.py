@@ -38,7 +38,7 @@ class WeightPusher(Protocol):
 class VersionBoard(Protocol):
     """Where rank 0 announces a new version before sending it (the queue's `LearnerClient`)."""
 
-    def publish_version(self, version: int) -> None: ...
+    def publish_version(self, version: int, weights_version: int | None = None) -> None: ...
 
 
 def push_dtype(cfg: VapoConfig) -> torch.dtype:
@@ -55,6 +55,8 @@ class Publisher:
         self.learner, self.pusher, self.source = learner, pusher, source
         self.dtype = push_dtype(learner.cfg)
         self.version = 0
+        self.weights_version = 0
+        """The version of the weights last pushed (0: model.path's, which every actor starts from)."""
         self._tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
 
     def push(self, version: int) -> float:
@@ -66,7 +68,7 @@ class Publisher:
         cannot join a second gather.
         """
         t0 = time.perf_counter()
-        self.version = version
+        self.version = self.weights_version = version
         world, is_rank0 = ldist.world_size(), ldist.rank() == 0
         if is_rank0 and self.source is not None:
             self.source.publish_version(version)  # actors see it and enter the receive; admission moves on
@@ -83,16 +85,24 @@ class Publisher:
             self.pusher.push(self._tensors, version)
         return time.perf_counter() - t0
 
+    def announce_unchanged(self, version: int) -> float:
+        """Rank 0 announces `version` with the weights of the last push (the policy did not change: value
+        pretraining); nothing is gathered or sent. Returns 0.0, the seconds a push took."""
+        self.version = version
+        if ldist.rank() == 0 and self.source is not None:
+            self.source.publish_version(version, self.weights_version)
+        return 0.0
+
     def repush_if_waiting(self) -> None:
         """Rank 0, while waiting for data: push the current weights again to actors that registered late
         or missed a push (they wait for weights, so without this the run could stall)."""
         pending = getattr(self.pusher, "pending", None)
-        if self.pusher is None or pending is None or self.version == 0 and self._tensors is None:
-            return  # at version 0 every actor starts from model.path, the same weights
+        if self.pusher is None or pending is None or self._tensors is None:
+            return  # nothing pushed yet: every actor starts from model.path, the weights of the learner's version
         if pending():
             tensors = self._tensors or self._full_params
-            log.info("re-pushing version %d to actors waiting for weights", self.version)
-            self.pusher.push(tensors, self.version)
+            log.info("re-pushing version %d to actors waiting for weights", self.weights_version)
+            self.pusher.push(tensors, self.weights_version)
 
     def _full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor in the push dtype), one at a time; every rank must iterate."""

@@ -131,11 +131,14 @@ class Learner:
 
     # ---- the step -------------------------------------------------------------------------
 
+    def trains_policy(self) -> bool:
+        """Whether the next step trains the policy (else it is value pretraining: the policy stays as it is)."""
+        return not (self.cfg.algo.uses_critic and self.step < self.cfg.algo.value_pretrain_steps)
+
     def train_step(self, groups: Sequence[RolloutGroup]) -> dict[str, float]:
         """Train on this rank's share (whole prompt groups) of one rollout step; returns globally reduced metrics."""
         t0 = time.perf_counter()
-        algo = self.cfg.algo
-        value_only = algo.uses_critic and self.step < algo.value_pretrain_steps
+        value_only = not self.trains_policy()
         batch = RolloutBatch.from_groups(groups, self.pad_id)
         sums: Sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._refresh_learning_rates()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: versions come with the version whose weights they are (weights_version)
 FINISH_REASONS = ("stop", "length")
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
@@ -178,6 +178,8 @@ class LeaseReply:
     """Why fewer leases than asked were granted ('' when all were); one of LEASE_REASONS."""
     version: int
     """The learner's current policy version."""
+    weights_version: int = 0
+    """The oldest version with the same weights as `version` (value pretraining keeps the policy unchanged)."""
 
 
 @dataclass

@@ -262,13 +262,13 @@ _BODIES: dict[str, dict[str, Check]] = {
     "groups": {"groups": _groups_of},
     "heartbeat": {"actor_id": _int(0), "incarnation": _int()},
     "get_batch": {"num_groups": _int(1, 1 << 24), "wait_s": _float(0.0)},
-    "set_version": {"version": _int(0)},
+    "set_version": {"version": _int(0), "weights_version": _int(0)},
     "get_stats": {},
     "get_cursor": {},
     "control": {"command": _str(CONTROL_COMMANDS)},
     # replies (queue -> requester)
     "leases": {"leases": _list(lambda v, n: _lease_from_wire(_fields(v, _LEASE, n))), "retry_after_s": _float(0.0),
-               "reason": _str(), "version": _int(0)},
+               "reason": _str(), "version": _int(0), "weights_version": _int(0)},
     "ack": {"status": _str(), "reason": _str(), "retry_after_s": _float(0.0)},
     "submitted": {"statuses": _list(_str()), "retry_after_s": _float(0.0)},
     "batch": {"groups": _groups_of, "stats": lambda v, n: QueueStats(**_fields(v, _STATS, n)),
@@ -277,7 +277,7 @@ _BODIES: dict[str, dict[str, Check]] = {
     "cursor": {"cursor": _plain_map},
     "error": {"reason": _str()},
     # broadcast (queue -> everyone, on the publish socket)
-    "state": {"version": _int(0), "command": _str(BROADCAST_COMMANDS)},
+    "state": {"version": _int(0), "weights_version": _int(0), "command": _str(BROADCAST_COMMANDS)},
 }
 KINDS = tuple(_BODIES)
 

@@ -60,6 +60,8 @@ class Broadcast:
     version: int
     command: str
     """run, pause or stop."""
+    weights_version: int = 0
+    """The oldest version with `version`'s weights (see `LearnerClient.publish_version`)."""
 
 
 @dataclass
@@ -124,7 +126,7 @@ class ActorClient(_Client):
         """Ask for up to `num_prompts` prompts for weights at `policy_version`."""
         b = self._call("lease", {**self._ids(), "policy_version": policy_version, "num_prompts": num_prompts}).body
         return LeaseReply(leases=b["leases"], retry_after_s=b["retry_after_s"], reason=b["reason"],
-                          version=b["version"])
+                          version=b["version"], weights_version=b["weights_version"])
 
     def submit(self, groups: Iterable[RolloutGroup], *, timeout_s: float | None = None) -> list[str]:
         """Send each group as `groups` yields it, pipelined; one status per group once all are answered.
@@ -166,7 +168,7 @@ class ActorClient(_Client):
                 msg = decode(frames, max_bytes=1 << 16, kinds=("state",))
             except WireError:
                 continue  # a garbled broadcast is skipped; the next repeat replaces it
-            latest = Broadcast(msg.body["version"], msg.body["command"])
+            latest = Broadcast(msg.body["version"], msg.body["command"], msg.body["weights_version"])
         return latest
 
     def close(self) -> None:
@@ -206,9 +208,12 @@ class LearnerClient(_Client):
             raise TimeoutError(f"no full batch of {num_groups} groups within {timeout_s:.1f}s")
         return Batch(groups=msg.groups, stats=b["stats"], short=b["short"], stopping=b["stopping"])
 
-    def publish_version(self, version: int) -> None:
-        """Tell the queue (and through it the actors) the learner's policy version."""
-        self._call("set_version", {"version": version})
+    def publish_version(self, version: int, weights_version: int | None = None) -> None:
+        """Tell the queue (and through it the actors) the learner's policy version, and the oldest version
+        with the same weights: `version` itself after a push (the default), older when the policy did not
+        change (value pretraining), so actors holding those weights take `version` without a push."""
+        weights = version if weights_version is None else weights_version
+        self._call("set_version", {"version": version, "weights_version": weights})
 
     def stats(self) -> QueueStats:
         """The queue's counters now."""

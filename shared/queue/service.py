@@ -13,10 +13,10 @@ Requests (all on one ROUTER, answered in arrival order by one thread):
 - heartbeat(actor_id, incarnation) -> renews the actor's leases;
 - get_batch(num_groups, wait_s) -> parked until the batch is full, no progress is possible
   (a short batch) or wait_s passes (`timed_out`, nothing handed out);
-- set_version(version), get_stats, get_cursor, control(pause | resume | stop | shutdown).
+- set_version(version, weights_version), get_stats, get_cursor, control(pause | resume | stop | shutdown).
   `stop` ends leasing (results of live leases are still taken, and a waiting batch gets what
   is there); `shutdown` also ends the loop, like SIGTERM.
-The publish socket repeats {version, command} every `publish_interval_s` and on every change.
+The publish socket repeats {version, weights_version, command} every `publish_interval_s` and on every change.
 
 Flow control: the queue's memory is bounded by admission control (in flight + queued is at
 most (S + 1) x prompts per version in steady state) and by `max_queued_groups` /
@@ -151,7 +151,8 @@ class QueueService:
         leases, reason = self.state.lease(b["actor_id"], b["incarnation"], b["policy_version"], b["num_prompts"], now)
         retry = 0.0 if not reason else self.cfg.retry_after_s
         self._reply(request, "leases", {"leases": [lease_to_wire(x) for x in leases], "retry_after_s": retry,
-                                        "reason": reason, "version": self.state.version})
+                                        "reason": reason, "version": self.state.version,
+                                        "weights_version": self.state.weights_version})
 
     def _submit(self, request: Request, msg: Any, now: float) -> None:
         actor_id, incarnation = msg.body["actor_id"], msg.body["incarnation"]
@@ -180,7 +181,7 @@ class QueueService:
 
     def _set_version(self, request: Request, msg: Any, now: float) -> None:
         try:
-            dropped = self.state.set_version(msg.body["version"])
+            dropped = self.state.set_version(msg.body["version"], msg.body["weights_version"])
         except ValueError as e:
             self._count_reject("version_regress", str(e), request.client)
             self._reply(request, "error", {"reason": "version_regress"})
@@ -229,7 +230,8 @@ class QueueService:
         self._reply(parked.request, "batch", body, payloads)
 
     def _publish(self, now: float) -> None:
-        self.server.publish(encode("state", {"version": self.state.version, "command": self._command}))
+        state = {"version": self.state.version, "weights_version": self.state.weights_version, "command": self._command}
+        self.server.publish(encode("state", state))
         self._next_publish = now + self.cfg.publish_interval_s
 
     def stats(self, now: float | None = None) -> QueueStats:

@@ -131,6 +131,7 @@ class QueueState:
         self.dynamic_sampling, self.max_filter_rounds = dynamic_sampling, max_filter_rounds
         self.max_queued_groups, self.max_queued_bytes = max_queued_groups, max_queued_bytes
         self.version = self._v0 = initial_version
+        self.weights_version = initial_version  # the oldest version whose weights `version` has
         self.paused = self.stopping = self.exhausted = False
         self.stats = QueueStats(version=initial_version)
         self._next_lease = (int.from_bytes(os.urandom(2)) << 40) if lease_id_base is None else lease_id_base
@@ -335,11 +336,18 @@ class QueueState:
 
     # --- learner side ------------------------------------------------------------------------------------------
 
-    def set_version(self, version: int) -> int:
-        """The learner published `version`; drops what became too stale and returns how many."""
+    def set_version(self, version: int, weights_version: int | None = None) -> int:
+        """The learner published `version`, whose weights are those of `weights_version` (default: its own;
+        older while value pretraining leaves the policy unchanged); drops what became too stale and returns
+        how many."""
+        weights_version = version if weights_version is None else weights_version
         if version < self.version:
             raise ValueError(f"policy version went back from {self.version} to {version}")
+        if not self.weights_version <= weights_version <= version:
+            raise ValueError(f"weights version {weights_version} of version {version} is not in "
+                             f"[{self.weights_version}, {version}]")
         self.version = self.stats.version = version
+        self.weights_version = weights_version
         return self._drop_stale()
 
     def _drop_stale(self) -> int:

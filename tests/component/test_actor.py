@@ -53,7 +53,7 @@ from shared.data.records import load_records
 from shared.data.source import PromptSource
 from shared.queue.client import ClientSettings, LearnerClient
 from shared.queue.service import serve
-from shared.types import RolloutGroup
+from shared.types import SCHEMA_VERSION, RolloutGroup
 from shared.weights import protocol as wp
 
 HOST = "127.0.0.1"
@@ -356,8 +356,9 @@ def _actor_config(model_dir: str, **queue: object) -> VapoConfig:
 
 def _bad_broadcasts() -> list[list[bytes]]:
     """Broadcasts the actors must ignore: garbage, a wrong schema, an unknown command, a negative version, ..."""
-    state = {"schema": 1, "kind": "state", "version": 99, "command": "stop"}
-    return [[b"\x00garbage"], [msgpack.packb({**state, "schema": 2})], [msgpack.packb({**state, "command": "boom"})],
+    state = {"schema": SCHEMA_VERSION, "kind": "state", "version": 99, "weights_version": 99, "command": "stop"}
+    return [[b"\x00garbage"], [msgpack.packb({**state, "schema": SCHEMA_VERSION + 1})],
+            [msgpack.packb({**state, "command": "boom"})],
             [msgpack.packb({**state, "version": -1})], [msgpack.packb({**state, "kind": "leases"})],
             [msgpack.packb({**state, "extra": 1})], [msgpack.packb(state), b"unexpected frame"]]
 
@@ -551,3 +552,28 @@ def test_unresolved_models_are_refused_at_start() -> None:
 
     with pytest.raises(ValueError, match="must be resolved to a directory first"):
         main(["model.path=builtin:tiny", "--actor-id", "0"])
+
+
+def test_an_actor_takes_a_version_with_the_weights_it_holds_without_a_push() -> None:
+    """Value pretraining announces versions with the last pushed weights (`weights_version`): an engine that
+    holds those weights takes the version; one with other weights, or none, waits for a push."""
+    from actors.main import ActorLoop
+
+    loop = ActorLoop(VapoConfig(), 0, None, None, None, None, None, None)  # type: ignore[arg-type]
+    loop._saw_version(3, 0)  # model.path holds version 0's weights, which versions 0..3 all have
+    assert (loop.version, loop.learner_version) == (3, 3)
+    loop._saw_version(2, 0)  # an older message changes nothing
+    assert (loop.version, loop.learner_version) == (3, 3)
+    loop._saw_version(4, 4)  # new weights: a push must bring them
+    assert (loop.version, loop.learner_version) == (3, 4)
+
+    pushed = ActorLoop(VapoConfig(), 1, None, None, None, None, None, None)  # type: ignore[arg-type]
+    pushed._initial_weights, pushed.version = False, 5  # took part in the push of version 5
+    pushed._saw_version(7, 5)
+    assert pushed.version == 7
+    pushed._saw_version(8, 8)
+    assert pushed.version == 7
+    failed = ActorLoop(VapoConfig(), 2, None, None, None, None, None, None)  # type: ignore[arg-type]
+    failed._initial_weights = False  # a push failed in the engine: its weights are unusable
+    failed._saw_version(3, 0)
+    assert failed.version is None

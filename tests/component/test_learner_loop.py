@@ -30,13 +30,16 @@ from shared.types import make_group
 from tests.component.test_queue_support import ListSource, free_port
 
 
-def _synthetic_actor(settings: ClientSettings, stop: threading.Event, vocab: int) -> None:
+def _synthetic_actor(settings: ClientSettings, stop: threading.Event, vocab: int,
+                     seen: set[tuple[int, int]] | None = None) -> None:
     client = ActorClient(settings, 7)
     rng = np.random.default_rng(0)
     version = 0
     while not stop.is_set():
         reply = client.lease(2, version)
         version = max(version, reply.version)
+        if seen is not None:
+            seen.add((reply.version, reply.weights_version))
         if not reply.leases:
             time.sleep(0.02)
             continue
@@ -86,13 +89,23 @@ def _loop_cfg(tmp_path: Path, model_dir: Path, *overrides: str) -> VapoConfig:
     )
 
 
-def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool, *overrides: str) -> tuple:
+class RecordingPusher:
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+
+    def push(self, named_tensors, version: int) -> None:
+        assert sum(1 for _ in named_tensors()) > 0
+        self.versions.append(version)
+
+
+def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool, *overrides: str,
+         pusher: RecordingPusher | None = None, seen: set[tuple[int, int]] | None = None) -> tuple:
     cfg = _loop_cfg(tmp_path, random_model_dir, f"learner.total_steps={total_steps}", *overrides)
     stop = threading.Event()
     queue = threading.Thread(target=serve, args=(cfg, ListSource(1000)), kwargs={"stop_event": stop})
     queue.start()
     settings = ClientSettings.from_config(cfg)
-    actor = threading.Thread(target=_synthetic_actor, args=(settings, stop, 50))
+    actor = threading.Thread(target=_synthetic_actor, args=(settings, stop, 50, seen))
     actor.start()
     learner_client = LearnerClient(settings)
     tracker = Tracker(cfg)
@@ -100,7 +113,7 @@ def _run(random_model_dir: Path, tmp_path: Path, total_steps: int, resume: bool,
         report = run_learner(
             cfg,
             source=learner_client,
-            pusher=None,
+            pusher=pusher,
             device=torch.device("cpu"),
             tracker=tracker,
             resume_from=checkpoint.latest(cfg.run_dir) if resume else None,
@@ -134,6 +147,21 @@ def test_learner_loop_trains_checkpoints_logs_and_resumes(random_model_dir: Path
     assert timed.stopped and 6 <= timed.steps < 1000 and len(timed.metrics) == timed.steps - 5
     ckpt = checkpoint.latest(cfg.run_dir)
     assert ckpt is not None and checkpoint.read_meta(ckpt)["step"] == timed.steps
+
+
+def test_value_pretraining_announces_versions_with_unchanged_weights_and_pushes_nothing(
+    random_model_dir: Path, tmp_path: Path
+) -> None:
+    pusher, seen = RecordingPusher(), set()
+    _, report, stats, _ = _run(random_model_dir, tmp_path, 4, False, "algo.value_pretrain_steps=2",
+                               "learner.checkpoint_every=0", pusher=pusher, seen=seen)
+    assert (report.steps, report.version) == (4, 4) and stats.identity_holds()
+    assert [m["train/value_only"] for m in report.metrics] == [1.0, 1.0, 0.0, 0.0]
+    assert pusher.versions == [3, 4]  # the policy first changes at step 3
+    assert [m["sync/push_seconds"] > 0 for m in report.metrics] == [False, False, True, True]
+    # the queue tells actors which versions have the initial weights (0) and which were pushed
+    assert all(w == (0 if v <= 2 else v) for v, w in seen), seen
+    assert any(v in (1, 2) for v, _ in seen), seen
 
 
 def _rank_main(rank: int, cfg: VapoConfig, init_method: str, events: mp.Queue) -> None:

@@ -72,11 +72,12 @@ MESSAGE_ATTACKS: list[tuple[str, Callable[[Lease], list[Any]]]] = [
     ("malformed", lambda lease: [os.urandom(64)]),
     ("empty", lambda lease: [b""]),
     ("schema_version", lambda lease: [msgpack.packb({"schema": 99, "kind": "get_stats"})]),
-    ("unknown_kind", lambda lease: [msgpack.packb({"schema": 1, "kind": "format_disk"})]),
-    ("missing_field", lambda lease: [msgpack.packb({"schema": 1, "kind": "lease", "actor_id": 7, "incarnation": 1,
+    ("unknown_kind", lambda lease: [msgpack.packb({"schema": 2, "kind": "format_disk"})]),
+    ("missing_field", lambda lease: [msgpack.packb({"schema": 2, "kind": "lease", "actor_id": 7, "incarnation": 1,
                                                     "policy_version": 0})]),
-    ("extra_field", lambda lease: [msgpack.packb({"schema": 1, "kind": "get_stats", "please": True})]),
-    ("wrong_type", lambda lease: [msgpack.packb({"schema": 1, "kind": "set_version", "version": "7"})]),
+    ("extra_field", lambda lease: [msgpack.packb({"schema": 2, "kind": "get_stats", "please": True})]),
+    ("wrong_type", lambda lease: [msgpack.packb({"schema": 2, "kind": "set_version", "version": "7",
+                                                 "weights_version": 0})]),
     ("wrong_type", lambda lease: _group_frames(lease, _group_field("rewards", ["a", "b"]))),
     ("length_mismatch", lambda lease: _group_frames(lease, _short_logprobs)),
     ("length_mismatch", lambda lease: _group_frames(lease, _group_field("correct", [True]))),
@@ -127,7 +128,7 @@ def test_garbage_envelopes_and_huge_frames_are_dropped_and_counted() -> None:
         raw.send(b"")  # an empty frame
         raw.send_multipart([os.urandom(200) for _ in range(3)])  # random frames, no valid envelope
         raw.send_multipart([b"me", b"\x01" * 8, b"\x00" * (2 * LIMIT)])  # a huge frame
-        raw.send_multipart([b"me", b"\x01" * 5, msgpack.packb({"schema": 1, "kind": "get_stats"})])  # bad req id
+        raw.send_multipart([b"me", b"\x01" * 5, msgpack.packb({"schema": 2, "kind": "get_stats"})])  # bad req id
         _valid_round(actor)
         deadline = time.monotonic() + 5  # the raw socket's messages race the clients' on other connections
         while learner.stats().rejected != {"bad_envelope": 3, "too_large": 1}:

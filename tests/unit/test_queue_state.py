@@ -237,6 +237,19 @@ def test_version_cannot_go_back() -> None:
         q.set_version(2)
 
 
+def test_versions_with_unchanged_weights_keep_their_weights_version() -> None:
+    q = _state()
+    q.set_version(1, 0)  # value pretraining: version 1 has version 0's weights
+    q.set_version(2, 0)
+    assert (q.version, q.weights_version) == (2, 0)
+    q.set_version(3)  # a push
+    assert (q.version, q.weights_version) == (3, 3)
+    with pytest.raises(ValueError, match=r"weights version 2 of version 4 is not in \[3, 4\]"):
+        q.set_version(4, 2)  # weights cannot go back
+    with pytest.raises(ValueError, match="not in"):
+        q.set_version(4, 5)  # nor be newer than their version
+
+
 def _random_run(q: QueueState, rng: random.Random, steps: int, actors: dict[int, list[Lease]],
                 trained: list[int], stop_at_batch: int | None = None) -> dict[str, Any] | None:
     """Random actor/learner behaviour; checks the identity after every operation."""

@@ -89,7 +89,7 @@ def test_lease_and_stats_round_trip() -> None:
     stats = QueueStats(leased=5, consumed=2, queued=3, rejected={"malformed": 1},
                        cursor={"source": {"i": 1}, "skip": [2]})
     msg = decode(encode("leases", {"leases": [wire.lease_to_wire(LEASE)], "retry_after_s": 0.0, "reason": "",
-                                   "version": 3}), max_bytes=LIMIT)
+                                   "version": 3, "weights_version": 1}), max_bytes=LIMIT)
     assert msg.body["leases"] == [LEASE]
     assert decode(encode("stats", {"stats": wire.stats_to_wire(stats)}), max_bytes=LIMIT).body["stats"] == stats
 
@@ -117,7 +117,7 @@ def test_trusted_groups_give_the_same_groups_and_skip_only_the_value_scans() -> 
     assert _reason(_submit()[:-1], trusted_groups=True) == "length_mismatch"
     assert _reason(_mutate(_submit(), _set_group("offsets", [0, 4, 9])), trusted_groups=True) == "length_mismatch"
     assert _reason(_mutate(_submit(), _set_group("colour", "blue")), trusted_groups=True) == "malformed"
-    assert _reason(_mutate(_submit(), lambda h: h.update(schema=2)), trusted_groups=True) == "schema_version"
+    assert _reason(_mutate(_submit(), lambda h: h.update(schema=99)), trusted_groups=True) == "schema_version"
 
 
 def _set_group(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -137,7 +137,7 @@ _DELETE = object()
 
 
 @pytest.mark.parametrize(("fn", "reason"), [
-    (lambda h: h.update(schema=2), "schema_version"),
+    (lambda h: h.update(schema=99), "schema_version"),
     (lambda h: h.pop("schema"), "schema_version"),
     (lambda h: h.update(kind="launch_missiles"), "unknown_kind"),
     (lambda h: h.pop("actor_id"), "missing_field"),
@@ -218,7 +218,7 @@ def test_size_limits() -> None:
     ([msgpack.packb([1, 2, 3])], "malformed"),
     ([msgpack.packb({1: 2})], "malformed"),  # non-string key
     ([msgpack.packb(msgpack.ExtType(5, b"boom"))], "malformed"),
-    ([msgpack.packb({"schema": 1, "kind": "get_stats"}) + b"trailing"], "malformed"),
+    ([msgpack.packb({"schema": 2, "kind": "get_stats"}) + b"trailing"], "malformed"),
 ])
 def test_garbage_is_rejected(frames: list[bytes], reason: str) -> None:
     assert _reason(frames) == reason
