@@ -22,6 +22,11 @@ Decisions:
   (`skip_special_tokens`, as vLLM's detokenizer). Stop strings need vLLM's detokenizer, so a
   call with `stop` keeps it. On the tiny model at 256 sequences a decode step went from ~62-69
   to ~39-49 ms (2 cores, load ~4.5).
+- Tensor parallelism uses vLLM's multiprocessing executor (`distributed_executor_backend="mp"`),
+  named explicitly: left to choose, vLLM 0.32 picks its Ray executor whenever the process runs in
+  a Ray placement group, as every actor does (`deploy.ray_actors`), and that executor rejects a
+  bundle of more than one GPU (and does not exist on CPU). The workers are this process's
+  children and use the devices Ray gave the actor (its one bundle of `tensor_parallel_size` GPUs).
 - `score` uses prompt log-probs (`prompt_logprobs=0`), which vLLM computes at temperature 1
   whatever the mode; it is the parity probe against a transformers forward pass.
 - After every weight update the prefix cache is reset: cached KV blocks were computed with
@@ -159,6 +164,7 @@ class Engine:
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 max_num_seqs=max_num_seqs,
                 tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
                 enforce_eager=enforce_eager,
                 max_model_len=max_model_len,
                 logprobs_mode="processed_logprobs",

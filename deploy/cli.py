@@ -188,7 +188,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from deploy.doctor import cmd_weight_sync
 
     return cmd_weight_sync(
-        args.model, tolerance=args.tolerance, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size
+        args.model,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
     )
 
 
@@ -227,9 +231,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
 def _doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("check", choices=["weight-sync"])
     p.add_argument("--model", default="builtin:tiny", help="model directory, or builtin:tiny")
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--tolerance", type=float, default=None, help="max abs log-prob diff (default: the dtype's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the engine's and the push's")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:

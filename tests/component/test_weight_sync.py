@@ -242,6 +242,23 @@ def test_doctor_with_two_tensor_parallel_workers(random_model_dir, monkeypatch, 
     assert diff < TOL
 
 
+def test_doctor_in_bf16_on_a_model_with_a_256_token_context(tmp_path, capsys) -> None:
+    """The doctor sizes max_model_len from the model (512 would be refused here) and pushes bf16 into a bf16 engine."""
+    import json
+
+    from deploy.doctor import TOLERANCES
+    from tests.component.conftest import build_random_model
+
+    model_dir = build_random_model(tmp_path / "short", tie_word_embeddings=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    diff = weight_sync_doctor(str(model_dir), dtype="bfloat16")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"max_abs_logprob_diff: {diff:.3g}"
+    print(f"doctor, bf16, 256-token context: max_abs_logprob_diff {diff:.3g}")
+    assert diff < TOLERANCES["bfloat16"]
+
+
 def _mixed_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
     """Tensors of every kind a push meets: dtypes, scalars, empty, non-contiguous, larger than a bucket."""
     g = torch.Generator().manual_seed(seed)
