@@ -367,9 +367,13 @@ class SyncConfig:
     """Timeout of every handshake and collective of the broadcast group."""
     push_every: int = 1
     """Push weights (a new policy version) every this many learner steps."""
+    alert_logprob_diff: float | None = None
+    """Alert (log, progress line) when `sync/logprob_abs_diff_lag0` exceeds this; None: 1e-2 bf16, 1e-4 float32."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, "sync.backend", Backend)
+        if self.alert_logprob_diff is not None:
+            _positive(self.alert_logprob_diff, "sync.alert_logprob_diff")
         _in_range(self.master_port, "sync.master_port", 1, 65535)
         _positive(self.bucket_mb, "sync.bucket_mb")
         _positive(self.timeout_s, "sync.timeout_s")
@@ -439,6 +443,10 @@ class DeployConfig:
     """GPUs per actor (multiplied by its tensor-parallel size)."""
     restart_actors: bool = True
     """Restart an actor that dies; it rejoins the weight group and fetches the current weights."""
+    max_start_failures: int = 5
+    """Stop the run, naming the actor, after this many consecutive deaths of one before its first group; 0: never."""
+    restart_backoff_s: float = 1.0
+    """Wait before restarting a dead actor, doubled after each consecutive failed start (at most 60 s)."""
     health_check_s: float = 10.0
     """Interval of the health checks of actors and learner ranks."""
     actor_resources: dict[str, float] = field(default_factory=dict)
@@ -454,6 +462,8 @@ class DeployConfig:
         for key in ("learner_cpus", "learner_gpus", "actor_cpus", "actor_gpus"):
             _non_negative(getattr(self, key), f"deploy.{key}")
         _positive(self.health_check_s, "deploy.health_check_s")
+        _non_negative(self.max_start_failures, "deploy.max_start_failures")
+        _non_negative(self.restart_backoff_s, "deploy.restart_backoff_s")
         _positive(self.placement_timeout_s, "deploy.placement_timeout_s")
         _positive(self.gpu_memory_gb, "deploy.gpu_memory_gb")
         for key in ("actor_resources", "learner_resources"):
