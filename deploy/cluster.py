@@ -62,6 +62,8 @@ def progress_line(m: dict[str, float], total: int | None = None, eta_s: float | 
         f" | gen tok/s {m.get('perf/gen_tokens_per_s', 0):,.0f}"
         f" | train tok/s {m.get('perf/train_tokens_per_s', 0):,.0f}"
     )
+    if m.get("sync/alert"):
+        line += f" | SYNC ALERT lag-0 log-prob diff {m['sync/logprob_abs_diff_lag0']:.3g}"
     return line + (f" | ETA {eta_s / 60:.1f} min" if eta_s is not None else "")
 
 

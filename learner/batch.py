@@ -62,16 +62,21 @@ class RolloutBatch:
     group_ids: torch.Tensor
     """[N] long: index of the response's prompt group in the step (group-normalised baselines)."""
     pad_id: int
+    versions: torch.Tensor | None = None
+    """[N, 2] long: the oldest and the newest policy version among each response's tokens (they differ
+    when a push landed mid-response; an empty response has its group's version)."""
     results: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-token `[N, R]` float32 results of the step, keyed by a name of RESULT_FIELDS."""
 
     @classmethod
     def from_groups(cls, groups: Sequence[RolloutGroup], pad_id: int) -> RolloutBatch:
         """Every response of `groups`, in order; group k of the sequence gets group id k."""
-        prompts, responses, logprobs, scores, correct, group_ids = [], [], [], [], [], []
+        prompts, responses, logprobs, scores, correct, group_ids, versions = [], [], [], [], [], [], []
         for k, group in enumerate(groups):
             for i in range(group.num_responses):
-                tokens, lps, _ = group.response(i)
+                tokens, lps, token_versions = group.response(i)
+                versions.append((int(token_versions.min()), int(token_versions.max())) if len(token_versions)
+                                else (group.policy_version, group.policy_version))
                 prompts.append(group.prompt_token_ids)
                 responses.append(tokens)
                 logprobs.append(lps)
@@ -90,6 +95,7 @@ class RolloutBatch:
             correct=torch.tensor(correct, dtype=torch.bool),
             group_ids=torch.tensor(group_ids, dtype=torch.long),
             pad_id=pad_id,
+            versions=torch.tensor(versions, dtype=torch.long).reshape(-1, 2),
         )
 
     @property

@@ -263,7 +263,7 @@ def run_learner(
                 break
             wait_s = time.perf_counter() - t_wait
             policy_changes = learner.trains_policy()
-            metrics = learner.train_step(scatter_groups(groups))
+            metrics = learner.train_step(scatter_groups(groups), version=version)
             compute_s = time.perf_counter() - t_wait - wait_s
             if learner.step % cfg.sync.push_every == 0:
                 version += 1  # also in value pretraining: admission and staleness count versions
@@ -275,6 +275,7 @@ def run_learner(
                 metrics.update(batch_metrics(groups, version - 1), **stats.metrics())
                 metrics["perf/learner_idle_frac"] = wait_s / max(wait_s + compute_s, 1e-9)
                 metrics["train/version"] = float(version)
+                _check_sync(cfg, metrics, learner.step)
                 history.append(metrics)
                 _report(cfg, metrics, learner.step, tracker, on_step)
             if cfg.learner.checkpoint_every and learner.step % cfg.learner.checkpoint_every == 0:
@@ -285,6 +286,26 @@ def run_learner(
             checkpoint.save(learner, cfg.run_dir, version=version, data_cursor=cursor)
         log_final_artifacts(cfg, learner.policy, tracker)  # rank 0: plots/ and policy/ to MLflow
     return LearnerReport(steps=learner.step, version=version, metrics=history, stopped=stopped)
+
+
+def sync_alert_threshold(cfg: VapoConfig) -> float:
+    """`sync.alert_logprob_diff`, or the default of `model.dtype`: 1e-4 in float32, 1e-2 in bf16/fp16."""
+    if cfg.sync.alert_logprob_diff is not None:
+        return cfg.sync.alert_logprob_diff
+    return 1e-4 if cfg.model.dtype == "float32" else 1e-2
+
+
+def _check_sync(cfg: VapoConfig, metrics: dict[str, float], step: int) -> None:
+    """Flag (`sync/alert`, a warning) a step whose lag-0 log-prob mismatch exceeds the threshold."""
+    diff = metrics.get("sync/logprob_abs_diff_lag0")
+    if diff is None:
+        return
+    threshold = sync_alert_threshold(cfg)
+    metrics["sync/alert"] = float(diff > threshold)
+    if diff > threshold:
+        log.warning("step %d: SYNC ALERT: actors' and learner's log-probs of the same weights differ by %.3g "
+                    "(> sync.alert_logprob_diff %.3g): a weight push or the engine's numerics are off",
+                    step, diff, threshold)
 
 
 def _report(cfg: VapoConfig, metrics: dict[str, float], step: int, tracker: Tracker | None,

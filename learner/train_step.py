@@ -126,6 +126,7 @@ class Learner:
             )
         self._rng = np.random.default_rng(cfg.seed)
         self._extremes: dict[str, float] = {}
+        self._version: int | None = None  # of the weights the current step trains on (see train_step)
         # FSDP averages gradients over ranks; the losses are divided by global counts, so undo the mean
         self._grad_scale = float(dist.world_size())
 
@@ -135,9 +136,16 @@ class Learner:
         """Whether the next step trains the policy (else it is value pretraining: the policy stays as it is)."""
         return not (self.cfg.algo.uses_critic and self.step < self.cfg.algo.value_pretrain_steps)
 
-    def train_step(self, groups: Sequence[RolloutGroup]) -> dict[str, float]:
-        """Train on this rank's share (whole prompt groups) of one rollout step; returns globally reduced metrics."""
+    def train_step(self, groups: Sequence[RolloutGroup], version: int | None = None) -> dict[str, float]:
+        """Train on this rank's share (whole prompt groups) of one rollout step; returns globally reduced metrics.
+
+        `version` (the same on every rank) is the policy version of the weights trained on; with it the step
+        also reports `sync/logprob_abs_diff_lag0`, the mismatch of the actors' and the learner's log-probs on
+        the tokens both computed with these same weights (responses generated at `version` throughout, so
+        neither staleness nor a mid-response push is in it): a sync or numerics error, nothing else.
+        """
         t0 = time.perf_counter()
+        self._version = version
         value_only = not self.trains_policy()
         batch = RolloutBatch.from_groups(groups, self.pad_id)
         sums: Sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
@@ -227,6 +235,10 @@ class Learner:
         sums["is/clipped_count"] += is_metrics["is_clipped_sum"]
         self._extremes["is/weight_max"] = float(is_metrics["is_weight_max"])
         sums["sync/logprob_abs_diff_sum"] += ((old - behavior).abs() * mask).sum()
+        if self._version is not None and batch.versions is not None:
+            lag0 = (batch.versions == self._version).all(dim=1).double()[:, None] * mask
+            sums["sync/lag0_abs_diff_sum"] += ((old - behavior).abs() * lag0).sum()
+            sums["sync/lag0_tokens"] += lag0.sum()
 
     def _gae(self, batch: RolloutBatch, mask: torch.Tensor, value_only: bool, sums: Sums) -> torch.Tensor:
         """Decoupled, length-adaptive GAE from the old values: writes the critic's returns, returns the
@@ -384,6 +396,9 @@ class Learner:
         m["is/weight_mean"] = total["is/weight_sum"] / tokens
         m["is/clipped_frac"] = total["is/clipped_count"] / tokens
         m["sync/logprob_abs_diff_mean"] = total["sync/logprob_abs_diff_sum"] / tokens
+        if total.get("sync/lag0_tokens", 0.0) > 0:
+            m["sync/logprob_abs_diff_lag0"] = total["sync/lag0_abs_diff_sum"] / total["sync/lag0_tokens"]
+            m["sync/lag0_token_frac"] = total["sync/lag0_tokens"] / tokens
         m["rollout/reward_mean"] = total["rollout/score_sum"] / count
         m["rollout/acc"] = total["rollout/correct_sum"] / count
         m["rollout/len_mean"] = total["rollout/len_sum"] / count

@@ -6,6 +6,7 @@ what the global token normalisation (one all-reduce of the counts per mini-batch
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import socket
 from collections import defaultdict
@@ -231,3 +232,52 @@ def test_cosine_schedule_decays_each_model_over_its_own_training_steps(random_mo
     # 16 responses in mini-batches of 8: two updates per step, at the same rate
     np.testing.assert_allclose(used["policy"], [cosine(k / 4) for k in range(4) for _ in range(2)], rtol=1e-9)
     np.testing.assert_allclose(used["value"], [cosine(k / 5) for k in range(5) for _ in range(2)], rtol=1e-9)
+
+
+def _versioned(groups: list[RolloutGroup], versions: list) -> list[RolloutGroup]:
+    """`groups` with each response's token versions replaced (an int, or a per-token function of the length)."""
+    out = []
+    for group, ver in zip(groups, versions, strict=True):
+        responses = []
+        for i in range(group.num_responses):
+            tokens, lps, _ = group.response(i)
+            responses.append((tokens, lps, ver if isinstance(ver, int) else ver(len(tokens))))
+        out.append(make_group(lease=Lease(group.lease_id, group.prompt_id, "", "", "math", None, 0), actor_id=0,
+                              prompt_token_ids=group.prompt_token_ids, responses=responses,
+                              finish_reasons=["stop"] * group.num_responses, rewards=group.rewards,
+                              correct=group.correct))
+    return out
+
+
+def test_the_lag0_sync_metric_counts_only_tokens_of_responses_generated_at_the_trained_version(
+    random_model_dir: Path,
+) -> None:
+    from learner.main import _check_sync, sync_alert_threshold
+
+    cfg = _cfg("algo.value_pretrain_steps=0")
+    pushed_mid = lambda n: np.array([2] * (n // 2) + [3] * (n - n // 2))  # a push landed mid-response
+    groups = _versioned(_groups(seed=4), [3, 2, pushed_mid, 3])  # trained at version 3: groups 0 and 3
+    batch = _batch(groups)
+    _learner(random_model_dir, cfg).prepare(batch, value_only=False)
+    diff = (batch.results["old_logprobs"].double() - batch.behavior_logprobs.double()).abs() * batch.response_mask
+    # every token at version 3: groups 0 and 3, and group 2's one-token responses (no token before the push)
+    lag0 = torch.tensor([bool(np.all(g.response(i)[2] == 3)) for g in groups for i in range(g.num_responses)])
+    assert 0 < int(lag0.sum()) < len(lag0)
+    expected = diff[lag0].sum() / batch.response_mask[lag0].sum()
+
+    metrics = _learner(random_model_dir, cfg).train_step(groups, version=3)
+    assert math.isclose(metrics["sync/logprob_abs_diff_lag0"], float(expected), rel_tol=1e-9)
+    assert math.isclose(metrics["sync/lag0_token_frac"],
+                        float(batch.response_mask[lag0].sum() / batch.response_mask.sum()), rel_tol=1e-12)
+    assert "sync/logprob_abs_diff_lag0" not in _learner(random_model_dir, cfg).train_step(groups)  # no version
+
+    assert sync_alert_threshold(_cfg("model.dtype=bfloat16")) == 1e-2 and sync_alert_threshold(cfg) == 1e-4
+    assert sync_alert_threshold(_cfg("sync.alert_logprob_diff=0.5")) == 0.5
+    _check_sync(cfg, metrics, 1)  # the behavior log-probs are random: far from the learner's
+    assert metrics["sync/alert"] == 1.0
+    _check_sync(_cfg("sync.alert_logprob_diff=1000"), metrics, 1)
+    assert metrics["sync/alert"] == 0.0
+    from deploy.cluster import progress_line
+
+    assert "SYNC ALERT" in progress_line({**metrics, "sync/alert": 1.0})
+    assert "SYNC ALERT" not in progress_line({**metrics, "sync/alert": 0.0})
