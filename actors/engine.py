@@ -27,6 +27,9 @@ Decisions:
   a Ray placement group, as every actor does (`deploy.ray_actors`), and that executor rejects a
   bundle of more than one GPU (and does not exist on CPU). The workers are this process's
   children and use the devices Ray gave the actor (its one bundle of `tensor_parallel_size` GPUs).
+  On CPU each worker gets its own run of this process's cores (`cpu_thread_binding`) unless
+  `VLLM_CPU_OMP_THREADS_BIND` is set: vLLM's automatic binding gives each worker a NUMA node and
+  refuses TP 2 on a one-node machine.
 - `score` uses prompt log-probs (`prompt_logprobs=0`), which vLLM computes at temperature 1
   whatever the mode; it is the parity probe against a transformers forward pass.
 - After every weight update the prefix cache is reset: cached KV blocks were computed with
@@ -90,11 +93,13 @@ import psutil
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import FlatLogprobs
+from vllm.platforms import current_platform
 
 RECEIVER_CLS = "actors.weight_receiver.WeightReceiver"
 IPC_DIR_PREFIX = "vapo-vllm-"
 _IPC_DIR = re.compile(re.escape(IPC_DIR_PREFIX) + r"(\d+)-")
 _IPC_ENV = "VLLM_RPC_BASE_PATH"
+_CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def sweep_ipc_dirs(root: str | Path | None = None) -> list[Path]:
@@ -106,6 +111,24 @@ def sweep_ipc_dirs(root: str | Path | None = None) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def cpu_thread_binding(cores: list[int], workers: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` tensor-parallel CPU workers: `cores` split into that many
+    disjoint, near-equal runs (`[0..15]`, 2 -> `0-7|8-15`). vLLM's own `auto` binding splits by NUMA
+    node and refuses more workers than nodes, the usual case on one socket."""
+    cores = sorted(cores)
+    if workers > len(cores):
+        raise ValueError(f"{workers} tensor-parallel CPU workers need as many cores; this process may use {cores}")
+    size, extra = divmod(len(cores), workers)
+    parts, start = [], 0
+    for w in range(workers):
+        chunk = cores[start : start + size + (w < extra)]
+        start += len(chunk)
+        contiguous = chunk[-1] - chunk[0] == len(chunk) - 1
+        parts.append(str(chunk[0]) if len(chunk) == 1 else f"{chunk[0]}-{chunk[-1]}" if contiguous
+                     else ",".join(map(str, chunk)))
+    return "|".join(parts)
 
 
 def private_ipc_dir(root: str | Path | None = None) -> Path:
@@ -152,9 +175,12 @@ class Engine:
         self._in_round = False  # a stepped round is running: updates pause the core and defer the cache reset
         self._stale_prefix_cache = False
         self._tokenizer = None  # vLLM's, fetched on first use
-        previous = os.environ.get(_IPC_ENV)
-        self.ipc_dir = private_ipc_dir(previous)
-        os.environ[_IPC_ENV] = str(self.ipc_dir)  # read here and by the engine core and workers as they start
+        self.ipc_dir = private_ipc_dir(os.environ.get(_IPC_ENV))
+        env = {_IPC_ENV: str(self.ipc_dir)}  # read here and by the engine core and workers as they start
+        if tensor_parallel_size > 1 and current_platform.is_cpu() and not os.environ.get(_CPU_BIND_ENV):
+            env[_CPU_BIND_ENV] = cpu_thread_binding(sorted(os.sched_getaffinity(0)), tensor_parallel_size)
+        previous = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
         try:
             self.llm = LLM(
                 model=str(model_path),
@@ -174,10 +200,11 @@ class Engine:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
             raise
         finally:
-            if previous is None:
-                os.environ.pop(_IPC_ENV, None)
-            else:
-                os.environ[_IPC_ENV] = previous
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     @property
     def num_workers(self) -> int:

@@ -130,3 +130,14 @@ def test_sweep_removes_the_ipc_directories_of_dead_processes_only(tmp_path) -> N
     mine = private_ipc_dir(tmp_path)  # sweeps first
     assert not gone.exists() and other.is_dir() and mine.is_dir()
     assert sweep_ipc_dirs(tmp_path) == [] and mine.is_dir()  # this process is alive
+
+
+def test_cpu_thread_binding_gives_each_tensor_parallel_worker_its_own_cores() -> None:
+    from actors.engine import cpu_thread_binding
+
+    assert cpu_thread_binding([1, 0], 2) == "0|1"
+    assert cpu_thread_binding(list(range(16)), 2) == "0-7|8-15"
+    assert cpu_thread_binding(list(range(10)), 4) == "0-2|3-5|6-7|8-9"  # the first workers take the remainder
+    assert cpu_thread_binding([0, 2, 3, 5], 2) == "0,2|3,5"  # cores with gaps are listed
+    with pytest.raises(ValueError, match="need as many cores"):
+        cpu_thread_binding([0, 1], 4)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from deploy.cli import main as vapo
@@ -92,3 +93,30 @@ def test_vapo_train_smoke(tmp_path: Path) -> None:
     assert changed, "the policy did not change"
     logged = AutoModelForCausalLM.from_pretrained(download_artifact(run_id, "policy", tmp_path / "dl", uri))
     assert all(torch.equal(p, logged.get_parameter(n)) for n, p in trained.named_parameters())
+
+
+@pytest.mark.slow
+def test_vapo_train_with_a_tensor_parallel_actor(tmp_path: Path) -> None:
+    """`actors.tensor_parallel_size=2` under Ray: vLLM's multiprocessing executor with a core per worker
+    (`actors.engine.cpu_thread_binding`), both workers in the weight group (world size 1 + 2), and every push
+    after value pretraining received."""
+    model = build_random_model(tmp_path / "model", tie_word_embeddings=True)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cmd = [
+        sys.executable, "-m", "deploy.cli", "train", str(ROOT / "configs" / "tiny_cpu.yaml"), f"model.path={model}",
+        *SHORT_RUN_ON_A_RANDOM_MODEL, "learner.total_steps=3", "rollout.max_new_tokens=32",
+        "actors.tensor_parallel_size=2", f"queue.port={free_port()}", f"queue.pub_port={free_port()}",
+        f"sync.master_port={free_port()}", f"run_dir={tmp_path / 'run'}", f"tracking.tracking_uri={uri}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "done: 3 steps, policy version 3" in proc.stdout, out[-3000:]
+    assert "world size 3" in out  # the learner and the actor's two workers
+    # version 1 was value pretraining (nothing pushed); versions 2 and 3 reached both workers
+    assert "weights of version 2" in out and "weights of version 3" in out, out[-3000:]
+    assert "weights of version 1 in" not in out
+    assert "is dead" not in out
