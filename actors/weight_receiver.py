@@ -63,8 +63,13 @@ EMBED_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 class BucketStream:
     """Receives the buckets of one push and yields (name, tensor) views into them."""
 
-    def __init__(self, group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL, device: torch.device) -> None:
-        self.group, self.device = group, device
+    def __init__(
+        self,
+        group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL,
+        device: torch.device,
+        timeout: timedelta | None = None,
+    ) -> None:
+        self.group, self.device, self.timeout = group, device, timeout
         self.version: int | None = None
         self.num_tensors = self.num_bytes = self.num_buckets = 0
         self.done = False
@@ -74,7 +79,7 @@ class BucketStream:
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         try:
-            broadcast_from_root(self.group, tensor)
+            broadcast_from_root(self.group, tensor, self.timeout)
         except RuntimeError:  # DistBackendError and gloo timeouts: the group cannot be trusted any more
             self.broken = True
             raise
@@ -166,6 +171,7 @@ class WeightReceiver:
     _wr_group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
     _wr_store: dist.Store | None = None
     _wr_backend: str = "gloo"
+    _wr_timeout: timedelta | None = None
 
     def init_weight_group(
         self,
@@ -184,7 +190,7 @@ class WeightReceiver:
         self._wr_group, self._wr_store = join_weight_group(
             master_addr, master_port, rank, world_size, backend, timeout_s, group_name
         )
-        self._wr_backend = backend
+        self._wr_backend, self._wr_timeout = backend, timedelta(seconds=timeout_s)
         return rank
 
     def receive_weights(self) -> dict[str, float]:
@@ -192,7 +198,7 @@ class WeightReceiver:
         if self._wr_group is None:
             raise ValueError("receive_weights before init_weight_group")
         device = self.device if self._wr_backend == "nccl" else torch.device("cpu")  # type: ignore[attr-defined]
-        stream = BucketStream(self._wr_group, device)
+        stream = BucketStream(self._wr_group, device, self._wr_timeout)
         t0 = time.perf_counter()
         try:
             stream.fetch_first()

@@ -137,7 +137,7 @@ class WeightSender:
     def _broadcast(self, tensor: torch.Tensor) -> None:
         assert self._group is not None
         try:
-            broadcast_from_root(self._group, tensor)
+            broadcast_from_root(self._group, tensor, self.timeout)
         except RuntimeError:  # DistBackendError, gloo timeouts: the group is out of step; only a rebuild helps
             self.close_group()
             raise

@@ -350,3 +350,28 @@ def test_a_failing_tensor_iterator_fails_the_push_not_the_group() -> None:
 
     _, [(names, error)] = with_peers([receiver], learner)
     assert names == ["a.weight"] and "gather failed" not in error
+
+
+def test_a_polled_broadcast_past_its_timeout_aborts_the_group_and_raises() -> None:
+    """The NCCL path's wait (poll, abort, raise), run on gloo: a receiver whose sender never sends gives up
+    after the timeout with RuntimeError, as a gloo timeout does, and its group is aborted."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from deploy.doctor import free_port
+    from shared.weights.group import broadcast_from_root, make_weight_group
+
+    port = free_port()
+    long = timedelta(seconds=60)  # the group's own timeout: the poll must give up long before it
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=long)
+    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=long)
+    with ThreadPoolExecutor(2) as pool:
+        ends = [(master, 0), (client, 1)]
+        sender, receiver = pool.map(lambda end: make_weight_group(end[0], end[1], 2, "gloo", long), ends)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not complete within 0:00:01.*aborted"):
+        broadcast_from_root(receiver, torch.empty(4), timedelta(seconds=1), poll=True)
+    assert 1.0 <= time.monotonic() - t0 < 30
+    sender.abort()
