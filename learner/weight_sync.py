@@ -16,6 +16,17 @@ after a failed push the actors' weights may be half-updated, so they wait for th
 After a resume the learner's first action is a push of the checkpoint's version, so every actor gets
 the checkpoint's weights.
 
+Per backend, what a failed push is (`shared.weights.group`, which both sides use): the weight group is
+its own communicator, never the learner's training group, created with `sync.timeout_s`.
+- gloo: a broadcast to a dead or stalled receiver raises when the timeout expires; the sender closes
+  the group and the retry rebuilds it without the dead member (tested: one dead actor costs ~1.3 s
+  once its registration is gone, else a timeout).
+- NCCL: the same, by the same code: the group is built so that its watchdog aborts only the
+  communicator (never the process, NCCL's default), each broadcast is polled and, past the timeout,
+  the communicator is aborted and RuntimeError raised, which this manager handles as on gloo. The
+  training group is not touched. (The polling path is tested on gloo; NCCL itself only on a GPU.)
+- After any failed push the receivers' weights may be half-written: actors wait for the next push.
+
 Several learner ranks (FSDP): the tensors are gathered collectively, so every rank must
 iterate them as often as rank 0 does. Rank 0 drains the iterator after a failed attempt (the
 other ranks finish their gathers), but whether a second attempt follows is known only on
