@@ -273,7 +273,10 @@ def run_learner(
                 assert groups is not None and stats is not None
                 cursor = stats.cursor
                 metrics.update(batch_metrics(groups, version - 1), **stats.metrics())
-                metrics["perf/learner_idle_frac"] = wait_s / max(wait_s + compute_s, 1e-9)
+                push_s = metrics.get("sync/push_seconds", 0.0)  # the push is synchronous: no training meanwhile
+                step_s = max(wait_s + compute_s + push_s, 1e-9)
+                metrics["perf/learner_idle_frac"] = (wait_s + push_s) / step_s
+                metrics["perf/learner_push_frac"] = push_s / step_s
                 metrics["train/version"] = float(version)
                 _check_sync(cfg, metrics, learner.step)
                 history.append(metrics)
