@@ -77,7 +77,8 @@ def long_tailed_groups(num: int, seed: int, vocab: int = VOCAB) -> list[RolloutG
     rng = np.random.default_rng(seed)
     groups = []
     for g in range(num // 8):
-        responses, correct = [], []
+        responses: list[tuple[np.ndarray, np.ndarray, np.ndarray | int]] = []
+        correct = []
         for _ in range(8):
             n = int(rng.integers(16, 49)) if rng.random() < 0.9 else int(rng.integers(160, 481))
             correct.append(bool(rng.random() < 0.4))
