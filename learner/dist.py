@@ -97,6 +97,13 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_max(torch.tensor([1 if flag else 0])).item())
 
 
+def broadcast_code(code: int) -> int:
+    """Rank 0's `code` on every rank (the others pass anything); over the control group."""
+    t = torch.tensor([code], dtype=torch.long)
+    dist.broadcast(t, src=0, group=control_group())
+    return int(t.item())
+
+
 def scatter_groups(groups: Sequence[RolloutGroup] | None) -> list[RolloutGroup]:
     """Rank 0 passes the step's groups (the others None); every rank gets its round-robin share."""
     if world_size() == 1:

@@ -257,7 +257,12 @@ def run_learner(
             if ldist.any_rank(stop.is_set()):  # before rank 0 takes a batch it would not train on
                 stopped = True
                 break
-            groups, stats = _next_batch(cfg, source, stop, publisher) if is_rank0 else (None, None)
+            if is_rank0:
+                groups, stats = _next_batch(cfg, source, stop, publisher)
+                publisher.release_followers()
+            else:
+                publisher.follow_repushes()  # rank 0 may re-push while it waits for data
+                groups, stats = None, None
             if ldist.any_rank(stop.is_set() or (is_rank0 and groups is None)):
                 stopped = True
                 break

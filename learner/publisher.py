@@ -4,8 +4,9 @@ Owns `Publisher`, which turns the FSDP-sharded policy into (Hugging Face name, f
 the sender (`learner.weight_sync.MembershipManager`, or anything shaped like `WeightPusher`) and keeps
 what a repeated push needs: actors that registered late, or missed a push, wait for weights, so a
 learner waiting for data pushes its current version again (`repush_if_waiting`). A repeat cannot
-gather again (the other ranks are not in the push), so with several ranks rank 0 keeps this push's
-full tensors on CPU, the model's size; with one it re-reads the parameters.
+gather alone, so with several ranks it broadcasts a code to the others, which wait for it while
+rank 0 waits for data, and they join the gathers (`follow_repushes`); with one it re-reads the
+parameters. No rank ever holds a copy of the model for a push.
 
 Pushes travel in the actors' dtype (`push_dtype`): each full tensor is cast where it was gathered,
 before any copy to the host, so a bf16 engine gets half the bytes of the float32 masters. The cast
@@ -48,8 +49,13 @@ def push_dtype(cfg: VapoConfig) -> torch.dtype:
     return compute_dtype(cfg.model.dtype) if cfg.sync.backend == "nccl" else torch.float32
 
 
+REPUSH, GO = 1, 2
+"""Codes rank 0 broadcasts to the other ranks while it waits for data (`Publisher.follow_repushes`)."""
+
+
 class Publisher:
-    """Rank 0's side of a weight push, remembering the last one so it can be repeated for late actors."""
+    """Every rank's side of a weight push (rank 0 announces and sends), and the repeat of the last one for
+    actors that registered late or missed it."""
 
     def __init__(self, learner: Learner, pusher: WeightPusher | None, source: VersionBoard | None) -> None:
         self.learner, self.pusher, self.source = learner, pusher, source
@@ -57,33 +63,36 @@ class Publisher:
         self.version = 0
         self.weights_version = 0
         """The version of the weights last pushed (0: model.path's, which every actor starts from)."""
-        self._tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+        self.pushed = False
 
     def push(self, version: int) -> float:
-        """All ranks gather; rank 0 announces `version` and broadcasts. Returns the seconds taken.
-
-        With one rank the pusher gets a function that re-reads the parameters, so a push that lost
-        an actor can be retried on the rebuilt group; with several, rank 0 keeps the gathered full
-        tensors of this push on CPU (the model's size) for the same reason, since the other ranks
-        cannot join a second gather.
-        """
+        """All ranks gather; rank 0 announces `version` and broadcasts. Returns the seconds taken."""
         t0 = time.perf_counter()
         self.version = self.weights_version = version
-        world, is_rank0 = ldist.world_size(), ldist.rank() == 0
-        if is_rank0 and self.source is not None:
+        if ldist.rank() == 0 and self.source is not None:
             self.source.publish_version(version)  # actors see it and enter the receive; admission moves on
-        if world == 1:
-            self._tensors = self._full_params
-        elif is_rank0:
-            gathered = [(name, t.cpu()) for name, t in self._full_params()]
-            self._tensors = lambda: iter(gathered)
-        else:
-            for _ in iter_full_params(self.learner.policy):  # the other ranks take part in the gathers
-                pass
-        if is_rank0 and self.pusher is not None:
-            assert self._tensors is not None
-            self.pusher.push(self._tensors, version)
+        self._send(version)
+        self.pushed = True
         return time.perf_counter() - t0
+
+    def _send(self, version: int) -> None:
+        """Stream the policy's full tensors, in the push dtype, to the pusher: one parameter gathered at a time.
+
+        With one rank the pusher gets a function that re-reads the parameters, so a push that lost an actor
+        is retried on the rebuilt group at once. With several, every rank gathers in step with rank 0's
+        sender, bucket by bucket (no copy of the model anywhere: memory beyond it stays one bucket and one
+        full parameter), so there is one attempt; a failed one is repaired by the re-push, which all ranks
+        join (`repush_if_waiting`, `follow_repushes`).
+        """
+        if ldist.world_size() == 1:
+            if self.pusher is not None:
+                self.pusher.push(self._full_params, version)
+            return
+        tensors = self._full_params()
+        if ldist.rank() == 0 and self.pusher is not None:
+            self.pusher.push(tensors, version)
+        for _ in tensors:  # the gathers are collectives: every rank goes through all of them, rank 0 through
+            pass  # what the pusher left (all of it with no actor to push to, the rest after a failed attempt)
 
     def announce_unchanged(self, version: int) -> float:
         """Rank 0 announces `version` with the weights of the last push (the policy did not change: value
@@ -95,14 +104,26 @@ class Publisher:
 
     def repush_if_waiting(self) -> None:
         """Rank 0, while waiting for data: push the current weights again to actors that registered late
-        or missed a push (they wait for weights, so without this the run could stall)."""
+        or missed a push (they wait for weights, so without this the run could stall). With several ranks
+        the others are waiting in `follow_repushes` and join the gathers."""
         pending = getattr(self.pusher, "pending", None)
-        if self.pusher is None or pending is None or self._tensors is None:
+        if self.pusher is None or pending is None or not self.pushed:
             return  # nothing pushed yet: every actor starts from model.path, the weights of the learner's version
         if pending():
-            tensors = self._tensors or self._full_params
             log.info("re-pushing version %d to actors waiting for weights", self.weights_version)
-            self.pusher.push(tensors, self.weights_version)
+            if ldist.world_size() > 1:
+                ldist.broadcast_code(REPUSH)
+            self._send(self.weights_version)
+
+    def release_followers(self) -> None:
+        """Rank 0, with a batch (or stopping): lets the other ranks out of `follow_repushes`."""
+        if ldist.world_size() > 1:
+            ldist.broadcast_code(GO)
+
+    def follow_repushes(self) -> None:
+        """The other ranks, while rank 0 waits for data: join each re-push it starts, until it has a batch."""
+        while ldist.broadcast_code(0) == REPUSH:
+            self._send(self.weights_version)
 
     def _full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor in the push dtype), one at a time; every rank must iterate."""

@@ -31,11 +31,14 @@ from tests.component.test_queue_support import ListSource, free_port
 
 
 def _synthetic_actor(settings: ClientSettings, stop: threading.Event, vocab: int,
-                     seen: set[tuple[int, int]] | None = None) -> None:
+                     seen: set[tuple[int, int]] | None = None, pause_at_version: int | None = None) -> None:
     client = ActorClient(settings, 7)
     rng = np.random.default_rng(0)
     version = 0
     while not stop.is_set():
+        if version == pause_at_version:
+            time.sleep(12)  # silent for a while: the learner waits for data (and re-pushes meanwhile)
+            pause_at_version = None
         reply = client.lease(2, version)
         version = max(version, reply.version)
         if seen is not None:
@@ -215,6 +218,85 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(random_model_dir:
     meta = checkpoint.read_meta(ckpt)
     assert (meta["step"], meta["version"]) == (last, last)
     assert (ckpt / "rng_rank1.pt").is_file()
+
+
+class _WaitingActorPusher:
+    """Rank 0's pusher: records every push and has one actor waiting for weights after the first one."""
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.waiting = False
+
+    def push(self, tensors, version: int) -> None:
+        self.pushes.append((version, {name: t.clone() for name, t in (tensors() if callable(tensors) else tensors)}))
+        self.waiting = len(self.pushes) == 1
+
+    def pending(self) -> bool:
+        return self.waiting
+
+
+def _streaming_rank(rank: int, cfg: VapoConfig, init_method: str, out: mp.Queue) -> None:
+    from types import SimpleNamespace
+
+    from learner.main import run_rank
+    from shared.queue.client import ClientSettings, LearnerClient
+
+    pusher = _WaitingActorPusher()
+    rank0 = SimpleNamespace(source=LearnerClient(ClientSettings.from_config(cfg)), pusher=pusher) if rank == 0 \
+        else None
+    report = run_rank(cfg, rank, 2, init_method, rank0=rank0)
+    if rank == 0:
+        rank0.source.close()
+        out.put([(v, {k: t.numpy() for k, t in tensors.items()}) for v, tensors in pusher.pushes])
+    out.put(("report", rank, report.steps, report.version))
+
+
+def test_two_ranks_stream_pushes_and_re_push_together_while_rank0_waits(random_model_dir: Path, tmp_path: Path) -> None:
+    """Several ranks: each push streams the gathered tensors (no copy of the model); an actor waiting for
+    weights while rank 0 waits for data gets a re-push that both ranks take part in (a rank left out
+    would hang in its gathers), with exactly the weights of the last push."""
+    cfg = _loop_cfg(tmp_path, random_model_dir, "learner.total_steps=2", "learner.checkpoint_every=0",
+                    "algo.value_pretrain_steps=0", "queue.embedded=false", "tracking.enabled=false",
+                    "queue.max_staleness=0")  # no prompt of step 2 is leased before version 1
+    stop = threading.Event()
+    queue = threading.Thread(target=serve, args=(cfg, ListSource(10_000)), kwargs={"stop_event": stop})
+    queue.start()
+    actor = threading.Thread(target=_synthetic_actor,
+                             args=(ClientSettings.from_config(cfg), stop, 50, None, 1))  # silent at version 1
+    actor.start()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ranks = [ctx.Process(target=_streaming_rank, args=(r, cfg, init_method, out)) for r in range(2)]
+    try:
+        for proc in ranks:
+            proc.start()
+        results = [out.get(timeout=600) for _ in range(3)]
+        for proc in ranks:
+            proc.join(timeout=60)
+            assert proc.exitcode == 0
+    finally:
+        for proc in ranks:
+            if proc.is_alive():
+                proc.kill()
+        stop.set()
+        actor.join()
+        queue.join()
+    pushes = next(r for r in results if isinstance(r, list))
+    reports = sorted(r[1:] for r in results if isinstance(r, tuple))
+    assert reports == [(0, 2, 2), (1, 2, 2)]
+    assert [v for v, _ in pushes] == [1, 1, 2]  # version 1, its re-push while rank 0 waited, version 2
+    names = _param_names(random_model_dir)
+    assert all(list(tensors) == names for _, tensors in pushes)
+    first, again, second = (tensors for _, tensors in pushes)
+    assert all(np.array_equal(first[n], again[n]) for n in names)
+    assert any(not np.array_equal(first[n], second[n]) for n in names)
+
+
+def _param_names(model_dir: Path) -> list[str]:
+    from learner.model import load_policy
+
+    return [name for name, _ in load_policy(model_dir).named_parameters()]
 
 
 def test_sigterm_sets_the_stop_once_then_goes_to_the_previous_handler() -> None:
