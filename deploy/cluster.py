@@ -1,6 +1,7 @@
 """What a run needs that is not Ray: placement arithmetic, address checks, the node processes, the progress
-line of a learner step, and the error a failed run ends with (`RunFailed`, which the CLI prints as one line
-without importing Ray).
+line of a learner step, the restart policy of actors that die (`StartFailures`: back off, give up on one that
+never starts), and the error a failed run ends with (`RunFailed`, which the CLI prints as one line without
+importing Ray).
 
 Placement: a learner rank or an actor asks for one bundle (`resource_bundle`: its CPUs, GPUs and the
 custom resources of `deploy.learner_resources` / `deploy.actor_resources`). `placement_problem` says, from
@@ -50,6 +51,36 @@ if TYPE_CHECKING:
 
 class RunFailed(RuntimeError):
     """The run ended because a process of it failed; the message says what and how to resume."""
+
+
+RESTART_BACKOFF_CAP_S = 60.0
+
+
+class StartFailures:
+    """Consecutive failed starts of each actor: the wait before its restart, and when to give up on it.
+
+    A death of an actor that never generated a group is a failed start: its count goes up by one and the
+    wait before the next start is `backoff_s` after the first, then doubles per failure in a row (at most
+    `RESTART_BACKOFF_CAP_S`); at `max_failures` in a row (0: never) `died` says give up. A death after
+    the actor generated is no failed start: the count is reset and the restart waits `backoff_s`.
+    """
+
+    def __init__(self, max_failures: int, backoff_s: float) -> None:
+        self.max_failures, self.backoff_s = max_failures, backoff_s
+        self.failures: dict[int, int] = {}
+        """Actor id -> failed starts in a row."""
+
+    def died(self, actor_id: int, *, generated: bool) -> float | None:
+        """Seconds to wait before starting `actor_id` again, or None: give up (`max_failures` in a row)."""
+        n = 0 if generated else self.failures.get(actor_id, 0) + 1
+        self.failures[actor_id] = n
+        if self.max_failures and n >= self.max_failures:
+            return None
+        return min(self.backoff_s * 2.0 ** min(max(n - 1, 0), 32), RESTART_BACKOFF_CAP_S)
+
+    def forget(self, actor_id: int) -> None:
+        """An actor scaled away: a later actor under its id starts with a clean count."""
+        self.failures.pop(actor_id, None)
 
 
 def progress_line(m: dict[str, float], total: int | None = None, eta_s: float | None = None) -> str:

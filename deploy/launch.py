@@ -36,7 +36,10 @@ that checkpoint. A second signal to the driver aborts without waiting.
 
 Failure modes: a dead learner rank ends the run at once with an error naming the checkpoint that
 `resume=true` continues from (the other ranks may be stuck in a collective with it; stopping the Ray
-instance ends them); no Ray cluster at `deploy.ray_address`, a missing model path or a port in use
+instance ends them); an actor that fails `deploy.max_start_failures` starts in a row without generating
+a group (`deploy.ray_actors.Controller`) stops the run as a signal does (the learner checkpoints, the
+actors and the queue stop), which then ends with `cluster.RunFailed`: one line naming the actor, its
+error and its log; no Ray cluster at `deploy.ray_address`, a missing model path or a port in use
 fail before anything starts, with one line; resources that cannot be placed fail with one line
 naming what was asked and what the cluster has (a `scale` that cannot place every new actor keeps
 the ones it placed).
@@ -190,18 +193,23 @@ def _stop_on_signal(on_first: Callable[[], None]) -> SignalStop:
     )
 
 
-def _follow_learner(cfg: VapoConfig, ranks: list[Any], runs: list[Any], first_step: int,
-                    on_progress: Any) -> dict[str, Any]:
+def _follow_learner(cfg: VapoConfig, ranks: list[Any], runs: list[Any], first_step: int, on_progress: Any,
+                    controller: Any) -> dict[str, Any]:
     """Print progress until every learner rank returns (rank 0's summary); forward a driver's stop request.
 
     A rank that died or failed ends the run with `cluster.RunFailed` at once (the others may be stuck in a
-    collective with it), naming the checkpoint that `resume=true` continues from.
+    collective with it), naming the checkpoint that `resume=true` continues from. An actor the controller
+    gave up on (`Controller.failed`) stops the learner as a signal does; the summary's `failure` says why.
     """
     from learner import checkpoint
 
     started, last_step, total = time.time(), -1, cfg.learner.total_steps
+    failure: str | None = None
     with _stop_on_signal(lambda: [rank.request_stop.remote() for rank in ranks]):
         while True:
+            if failure is None and (failure := ray.get(controller.failed.remote())) is not None:
+                for rank in ranks:
+                    rank.request_stop.remote()
             ready, _ = ray.wait(runs, num_returns=len(runs), timeout=1.0)
             for i, ref in enumerate(runs):
                 if ref in ready:
@@ -223,6 +231,7 @@ def _follow_learner(cfg: VapoConfig, ranks: list[Any], runs: list[Any], first_st
             if len(ready) == len(runs):
                 break
     summary = ray.get(runs[0])
+    summary["failure"] = failure
     if summary["stopped"]:
         on_progress(f"stopped at step {summary['steps']} (policy version {summary['version']}): checkpoint "
                     f"{checkpoint.latest(cfg.run_dir)}; `vapo train ... resume=true` continues from it")
@@ -267,11 +276,13 @@ def train(cfg: VapoConfig, *, on_progress: Any = print) -> dict[str, Any]:
             f"running: {len(ranks)} learner rank(s), {len(actor_ids)} actor(s), "
             f"Ray cluster of {len(ray.nodes())} node(s)"
         )
-        summary = _follow_learner(cfg, ranks, runs, first_step, on_progress)
+        summary = _follow_learner(cfg, ranks, runs, first_step, on_progress, controller)
         summary["controller"] = ray.get(controller.status.remote())
         summary["actor_reports"] = ray.get(controller.stop_all.remote())
         embedded_stats = ray.get(ranks[0].close.remote())  # after the actors: they deregister in its store
         summary["queue_stats"] = ray.get(queue.stop.remote()) if queue is not None else embedded_stats
+        if summary["failure"] is not None:  # stopped like a signal does, then failed with the controller's line
+            raise cluster.RunFailed(summary["failure"])
         return summary
     finally:
         if pg is not None:

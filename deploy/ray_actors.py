@@ -17,6 +17,16 @@ weights before it generates. Before the restart the controller marks the dead on
 weight group (`actors.weight_sync.mark_left`), so a push the learner is rebuilding for goes on
 without it instead of waiting `sync.timeout_s` for it.
 
+Restarts back off and give up (`deploy.cluster.StartFailures`): the replacement starts after
+`deploy.restart_backoff_s`, doubled per failed start in a row (a death before the actor generated
+anything), and after `deploy.max_start_failures` of them the controller restarts that actor no more
+and holds one line (`failure`: the actor, its error, its log) that the driver polls and ends the run
+with. Whether an actor generated is its health check's `generated` (the rounds its engine returned
+samples for, counted by `RolloutWorker` around the engine it builds and hands to `run_actor`); the
+health check also names the actor's log (the file Ray sends the worker's stderr to), remembered so
+it can be named after the process is gone. An actor that generated and died in less than a health
+check interval counts as a failed start.
+
 Placement: `reserve` gives a bundle list a PACK placement group or fails with one line: at once
 when no node could ever hold a bundle (`deploy.cluster.placement_problem`), after
 `deploy.placement_timeout_s` when they fit but are taken (Ray's placement groups otherwise wait
@@ -35,6 +45,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +117,32 @@ class QueueProcess:
         return self._queue.stop()
 
 
+def own_log() -> str | None:
+    """The file this process's stderr goes to: in a Ray worker, its `worker-*.err` in the session's logs dir."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return path if path.startswith("/") and os.path.isfile(path) else None
+
+
+class _CountingEngine:
+    """The actor's engine, counting the rounds it returned samples for: the controller's evidence that the
+    actor got going (a death before the first one is a failed start). Every other attribute is the engine's."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.num_generated = 0
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        samples = self._engine.generate(*args, **kwargs)
+        self.num_generated += bool(samples)
+        return samples
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 @ray.remote(max_concurrency=4)
 class RolloutWorker:
     """One rollout actor (vLLM engine + loop), in a thread of this Ray actor."""
@@ -116,15 +153,20 @@ class RolloutWorker:
         self._stop = threading.Event()
         self.error: str | None = None
         self.report: Any = None
+        self._engine: _CountingEngine | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        from actors.main import run_actor
+        from actors.main import build_engine, run_actor
 
         try:
-            self.report = run_actor(self.cfg, self.actor_id, stop_event=self._stop)
-        except Exception as e:  # reported to the controller, which restarts this actor
+            self._engine = _CountingEngine(build_engine(self.cfg, self.actor_id, self.cfg.model.path))
+            try:
+                self.report = run_actor(self.cfg, self.actor_id, stop_event=self._stop, engine=self._engine)
+            finally:
+                self._engine.shutdown()
+        except Exception as e:  # reported to the controller, which restarts this actor or gives up on it
             log.exception("actor %d failed", self.actor_id)
             self.error = f"{type(e).__name__}: {e}"
 
@@ -132,6 +174,8 @@ class RolloutWorker:
         return {
             "alive": self._thread.is_alive(),
             "error": self.error,
+            "generated": self._engine is not None and self._engine.num_generated > 0,
+            "log": own_log(),
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
         }
@@ -200,6 +244,11 @@ class Controller:
         self.workers: dict[int, Any] = {}
         self.groups: dict[int, Any] = {}  # actor id -> its placement group, kept across restarts
         self.restarts = 0
+        self.start_failures = cluster.StartFailures(cfg.deploy.max_start_failures, cfg.deploy.restart_backoff_s)
+        self.failure: str | None = None
+        """The line the run ends with: an actor that failed `deploy.max_start_failures` starts in a row."""
+        self._seen: dict[int, dict[str, Any]] = {}  # actor id -> the last health its current process answered
+        self._due: dict[int, float] = {}  # dead actor id -> monotonic time of its restart
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -236,29 +285,64 @@ class Controller:
                 actor_id = max(self.workers)
                 worker = self.workers.pop(actor_id)
                 try:
-                    ray.get(worker.stop.remote(), timeout=180)
+                    if self._due.pop(actor_id, None) is None:  # else it is dead, waiting for its restart
+                        ray.get(worker.stop.remote(), timeout=180)
                 finally:
                     ray.kill(worker)
                     self._release(actor_id)
+                    self._seen.pop(actor_id, None)
+                    self.start_failures.forget(actor_id)
             return sorted(self.workers)
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.cfg.deploy.health_check_s):
+        """Health checks every `deploy.health_check_s`, and each dead actor's restart when its backoff is over."""
+        next_check = time.monotonic() + self.cfg.deploy.health_check_s
+        while True:
+            wake = min([next_check, *self._due.values()])
+            if self._stop.wait(max(wake - time.monotonic(), 0.0)):
+                return
             with self._lock:
-                for actor_id, worker in list(self.workers.items()):
-                    try:
-                        health = ray.get(worker.health.remote(), timeout=30)
-                        dead = not health["alive"] and health["error"] is not None
-                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                        dead = True
-                    if not dead or self._stop.is_set():
-                        continue
-                    self._deregister(actor_id)  # before a replacement registers under the same id
-                    if self.cfg.deploy.restart_actors:
-                        log.warning("actor %d is dead; restarting it", actor_id)
-                        ray.kill(worker)
+                if self._stop.is_set():
+                    return
+                now = time.monotonic()
+                for actor_id, at in list(self._due.items()):
+                    if at <= now:
+                        del self._due[actor_id]
                         self.restarts += 1
                         self._start(actor_id)
+                if now >= next_check:
+                    self._check_health()
+                    next_check = time.monotonic() + self.cfg.deploy.health_check_s
+
+    def _check_health(self) -> None:
+        for actor_id, worker in list(self.workers.items()):
+            if actor_id in self._due:
+                continue  # dead, waiting for its restart
+            try:
+                health = ray.get(worker.health.remote(), timeout=30)
+                self._seen[actor_id] = health
+                dead, error = not health["alive"] and health["error"] is not None, health["error"]
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                dead, error = True, str(e)
+            if not dead or self._stop.is_set():
+                continue
+            self._deregister(actor_id)  # before a replacement registers under the same id
+            if self.cfg.deploy.restart_actors:
+                ray.kill(worker)
+                self._died(actor_id, _first_line(error))
+
+    def _died(self, actor_id: int, error: str) -> None:
+        """Schedule a dead actor's restart after its backoff, or give up on it (`failure`)."""
+        seen = self._seen.pop(actor_id, {})
+        delay = self.start_failures.died(actor_id, generated=bool(seen.get("generated")))
+        if delay is not None:
+            log.warning("actor %d is dead; restarting it in %.3g s (%s)", actor_id, delay, error)
+            self._due[actor_id] = time.monotonic() + delay
+            return
+        logs = seen.get("log") or _logs_hint()
+        self.failure = (f"actor {actor_id} failed to start {self.start_failures.failures[actor_id]} times in a row "
+                        f"(deploy.max_start_failures) without generating a group: {error}; its log: {logs}")
+        log.error("%s", self.failure)
 
     def _deregister(self, actor_id: int) -> None:
         """Mark a dead actor `left` in the weight group, so a rebuild waiting for it goes on without it."""
@@ -275,7 +359,12 @@ class Controller:
                 nodes[actor_id] = ray.get(worker.health.remote(), timeout=10)["node_id"]
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 nodes[actor_id] = None
-        return {"actors": sorted(self.workers), "restarts": self.restarts, "actor_nodes": nodes}
+        return {"actors": sorted(self.workers), "restarts": self.restarts, "actor_nodes": nodes,
+                "start_failures": dict(self.start_failures.failures), "failure": self.failure}
+
+    def failed(self) -> str | None:
+        """The line the run ends with when an actor cannot start (`failure`), else None."""
+        return self.failure
 
     def kill_actor(self, actor_id: int) -> None:
         """Kill an actor's process without notice (fault tests; the watcher restarts it)."""
@@ -291,6 +380,20 @@ class Controller:
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     reports.append(None)
             self.workers.clear()
+            self._due.clear()
             for actor_id in list(self.groups):
                 self._release(actor_id)
             return reports
+
+
+def _first_line(error: str, limit: int = 300) -> str:
+    """The first non-empty line of an error, at most `limit` characters (Ray's and vLLM's run to many lines)."""
+    line = next((x.strip() for x in error.splitlines() if x.strip()), "no error message")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _logs_hint() -> str:
+    """Where a worker's log is when the worker never answered a health check: the session's logs directory
+    (this process's own log is in it), whose `worker-*-PID.err` files are the workers'."""
+    mine = own_log()
+    return f"a worker-*.err under {os.path.dirname(mine)}" if mine else "the Ray session's logs directory"
