@@ -56,19 +56,10 @@ from shared.config import load_config  # noqa: E402
 from shared.types import Lease, RolloutGroup, make_group  # noqa: E402
 
 VOCAB = 512
-REAL_VOCAB = 151_936
-QWEN2_5_0_5B_2_LAYERS: dict[str, Any] = dict(
-    vocab_size=REAL_VOCAB,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=2,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=32768,
-)
+from tests.component.conftest import QWEN2_5_0_5B  # noqa: E402
+
+REAL_VOCAB = QWEN2_5_0_5B["vocab_size"]
+QWEN2_5_0_5B_2_LAYERS: dict[str, Any] = {**QWEN2_5_0_5B, "num_hidden_layers": 2}
 """Qwen2.5-0.5B's configuration with 2 of its 24 decoder blocks (the `--real-shape` row)."""
 
 

@@ -87,17 +87,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as tmp  # noqa: E402
 
-QWEN2_5_0_5B: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 32768,
-}
+from tests.component.conftest import QWEN2_5_0_5B  # noqa: E402
+
 PROMPT_TOKENS, RESPONSE_TOKENS, GROUP = 16, 1024, 4
 GIB = 2**30
 

@@ -29,6 +29,19 @@ import pytest
 RANDOM_MODEL_CHARS = "\n " + string.digits + "+-*/=().,?" + string.ascii_lowercase
 """Characters of the test tokenizer; with the 3 special tokens the vocabulary has 51 entries."""
 
+QWEN2_5_0_5B: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+}
+"""Qwen2.5-0.5B's `Qwen2Config` fields except its 24 layers (the real-shape tests and benches pick a few)."""
+
 SHORT_RUN_ON_A_RANDOM_MODEL = [
     "algo.dynamic_sampling=false",  # a random model solves nothing: every group would be filtered
     "algo.value_pretrain_steps=1",

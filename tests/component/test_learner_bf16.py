@@ -24,20 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.component.conftest import build_random_model
+from tests.component.conftest import QWEN2_5_0_5B, build_random_model
 from tests.component.test_learner import _free_port, _groups
 
-QWEN2_5_0_5B = {
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 32768,
-}
 KEYS = ("loss/policy", "loss/value", "loss/nll_pos", "loss/kl", "grad_norm/policy", "grad_norm/value")
 OVERRIDES = [
     "learner.device=cpu",

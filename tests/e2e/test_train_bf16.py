@@ -28,28 +28,16 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from shared.tracking.tracker import metric_history, run_params
-from tests.component.conftest import SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
+from tests.component.conftest import QWEN2_5_0_5B, SHORT_RUN_ON_A_RANDOM_MODEL, build_random_model
 from tests.component.test_queue_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-VOCAB_SIZE = 151936
-QWEN2_5_0_5B: dict[str, Any] = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 32768,
-}
+VOCAB_SIZE = QWEN2_5_0_5B["vocab_size"]
 LOSSES = ("loss/value", "loss/policy", "loss/nll_pos", "grad_norm/value", "grad_norm/policy")
 PER_STEP = ("async/version_lag_mean", "async/version_lag_max", "sync/push_seconds")
 
