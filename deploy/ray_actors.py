@@ -249,6 +249,7 @@ class Controller:
         """The line the run ends with: an actor that failed `deploy.max_start_failures` starts in a row."""
         self._seen: dict[int, dict[str, Any]] = {}  # actor id -> the last health its current process answered
         self._due: dict[int, float] = {}  # dead actor id -> monotonic time of its restart
+        self._given_up: set[int] = set()  # dead actor ids not restarted (their failed starts ended the run)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -285,12 +286,14 @@ class Controller:
                 actor_id = max(self.workers)
                 worker = self.workers.pop(actor_id)
                 try:
-                    if self._due.pop(actor_id, None) is None:  # else it is dead, waiting for its restart
+                    dead = self._due.pop(actor_id, None) is not None or actor_id in self._given_up
+                    if not dead:
                         ray.get(worker.stop.remote(), timeout=180)
                 finally:
                     ray.kill(worker)
                     self._release(actor_id)
                     self._seen.pop(actor_id, None)
+                    self._given_up.discard(actor_id)
                     self.start_failures.forget(actor_id)
             return sorted(self.workers)
 
@@ -316,8 +319,8 @@ class Controller:
 
     def _check_health(self) -> None:
         for actor_id, worker in list(self.workers.items()):
-            if actor_id in self._due:
-                continue  # dead, waiting for its restart
+            if actor_id in self._due or actor_id in self._given_up:
+                continue  # dead, waiting for its restart or given up on
             try:
                 health = ray.get(worker.health.remote(), timeout=30)
                 self._seen[actor_id] = health
@@ -338,6 +341,11 @@ class Controller:
         if delay is not None:
             log.warning("actor %d is dead; restarting it in %.3g s (%s)", actor_id, delay, error)
             self._due[actor_id] = time.monotonic() + delay
+            return
+        self._given_up.add(actor_id)
+        if self.failure is not None:  # the run is ending already; its line names the first actor given up on
+            log.error("actor %d failed to start %d times in a row: %s", actor_id,
+                      self.start_failures.failures[actor_id], error)
             return
         logs = seen.get("log") or _logs_hint()
         self.failure = (f"actor {actor_id} failed to start {self.start_failures.failures[actor_id]} times in a row "

@@ -6,7 +6,9 @@ checkpoint with the next step and version numbers, in the same MLflow run, and t
 only after it received the checkpoint's weights: the first resumed batch has version lag 0 and its
 behavior log-probs match the learner's to vLLM/transformers parity, where one version of staleness
 already differs 30x more. The driver's signal handler alone: the first signal forwards the stop
-once, a second one aborts.
+once, a second one aborts. An actor that can never start is restarted after a backoff, and its
+`deploy.max_start_failures`-th failed start in a row stops the run (checkpoint, exit 1, one line
+naming the actor, its error and its log).
 
 Slow (the built tiny model):
 - an actor SIGKILLed mid-run: training goes on, the controller starts a replacement under the same id,
@@ -244,6 +246,46 @@ def test_sigterm_to_the_driver_checkpoints_and_resume_continues(tmp_path: Path, 
     assert done is not None and done.groups()[:2] == (str(total), str(total)), out[-4000:]
     assert "identity holds: True" in out
     _check_resumed(out, done.group(3), uri, step, total, max_staleness=1)
+
+
+def test_actor_that_cannot_start_fails_the_run(tmp_path: Path, runs: list[Train]) -> None:
+    """An actor whose engine can never be built (tensor parallelism 3: more vLLM CPU workers than this
+    machine's cores, and 4 attention heads that 3 does not divide) is restarted after a backoff, and its
+    second failed start ends the run: the learner checkpoints, the driver exits 1 with one line naming
+    the actor, its error and its log, which holds that error."""
+    model = build_random_model(tmp_path / "model", tie_word_embeddings=True)
+    run = Train(tmp_path, "no-start", [
+        f"model.path={model}",
+        *SHORT_RUN_ON_A_RANDOM_MODEL,
+        "actors.tensor_parallel_size=3",  # only the actor's engine checks it; the learner does not care
+        "deploy.max_start_failures=2",
+        "deploy.restart_backoff_s=0.5",
+        "deploy.health_check_s=1",
+        "learner.checkpoint_every=0",
+        f"run_dir={tmp_path / 'run'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+        *_ports(),
+    ])
+    runs.append(run)
+    started = time.monotonic()
+    code = run.finish(timeout=300)
+    took = time.monotonic() - started
+    out = run.output()
+    assert code == 1, out[-6000:]
+    lines = [line for line in out.splitlines() if line.startswith("vapo train: ")]
+    assert len(lines) == 1, out[-6000:]
+    match = re.fullmatch(r"vapo train: actor 0 failed to start 2 times in a row \(deploy.max_start_failures\) "
+                         r"without generating a group: (\w+: .+); its log: (/\S+\.err)", lines[0])
+    assert match is not None, lines[0]
+    error, log = match.groups()
+    assert error.split(": ", 1)[1].removesuffix("...") in Path(log).read_text(errors="replace")
+    assert len(re.findall(r"actor 0 is dead; restarting it in 0\.5 s", out)) == 1, out[-6000:]
+    assert out.count("actor 0 failed to start 2 times in a row") == 2, out[-6000:]  # the controller's log, the line
+    assert "failed to start 3 times" not in out  # given up on: no more health checks, restarts or lines
+    assert DONE.search(out) is None and STOPPED.search(out) is not None  # stopped at a step boundary
+    ckpt = checkpoint.latest(tmp_path / "run")
+    assert ckpt is not None and checkpoint.read_meta(ckpt)["step"] == 0
+    assert took < 240, took
 
 
 # ---- slow: the tiny model ---------------------------------------------------------------------------------
