@@ -44,7 +44,7 @@ class ListBatches:
         self.calls += 1
         return _Batch(_groups(seed=self.calls, num_groups=num_groups))
 
-    def publish_version(self, version: int) -> None:
+    def publish_version(self, version: int, weights_version: int | None = None) -> None:
         self.versions.append(version)
 
 
