@@ -33,7 +33,12 @@ log = logging.getLogger("vapo.learner")
 class WeightPusher(Protocol):
     """What rank 0 uses to get new weights to the actors (see `learner.weight_sync`)."""
 
-    def push(self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], version: int) -> Any: ...
+    def push(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | Callable[[], Iterable[tuple[str, torch.Tensor]]],
+        version: int,
+    ) -> Any:
+        """Send the pairs (iterable once: one attempt) or what the function returns (called per attempt)."""
 
 
 class VersionBoard(Protocol):
